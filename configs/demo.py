@@ -1,0 +1,24 @@
+"""Built-in demo: procedurally generated data and a CPU-sized model.
+
+Train + evaluate finishes in a few minutes on a 2-core CPU:
+  python main.py --config=configs/demo.py --workdir=runs/demo
+"""
+
+import ml_collections
+
+from configs import mvtec
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = mvtec.get_config()
+  config.data_dir = ''
+  config.category = 'weave'
+  config.image_size = 64
+  config.model.width = 16
+  config.train.num_steps = 1500
+  config.train.learning_rate = 1e-3
+  config.train.num_workers = 2
+  config.train.log_every = 100
+  config.train.checkpoint_every = 500
+  config.eval.batch_size = 32
+  return config

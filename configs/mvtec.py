@@ -1,0 +1,86 @@
+"""Paper recipe of the two-stage model's stage 1 on one MVTec AD category.
+
+Usage:
+  python main.py --config=configs/mvtec.py --workdir=runs/bottle \
+      --config.data_dir=/data/mvtec_ad --config.category=bottle
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data: an MVTec-AD-layout folder; '' selects the built-in demo dataset.
+  config.data_dir = ''
+  config.category = 'bottle'
+  config.image_size = 256
+  # Folder of texture images (e.g. DTD) used as anomaly sources; '' selects
+  # the built-in set (scikit-image's bundled textures + procedural textures).
+  config.anomaly_source_dir = ''
+  # Where derived data is cached (demo dataset, SLIC labels of the sources);
+  # '' means ~/.cache/twostage_jax.
+  config.cache_dir = ''
+
+  config.demo = ml_collections.ConfigDict()
+  config.demo.seed = 0
+  config.demo.image_size = 128  # size the demo PNGs are written at
+  config.demo.num_train = 80
+  config.demo.num_test_good = 20
+  config.demo.num_test_per_defect = 8
+
+  # Pseudo-anomalies (DRAEM's Perlin + SAIM superpixels), see DESIGN.md.
+  config.synthesis = ml_collections.ConfigDict()
+  config.synthesis.p_anomaly = 0.5  # P(no anomaly) = 1 - p_anomaly
+  config.synthesis.p_perlin = 0.5  # given an anomaly: Perlin, else superpixel
+  config.synthesis.perlin_max_exponent = 5  # lattice 2^a x 2^b, a, b in 0..5
+  config.synthesis.perlin_rotation = 90.0  # noise rotated by U(-90, 90) deg
+  config.synthesis.perlin_threshold = 0.5
+  config.synthesis.beta_max = 0.8  # blend factor beta ~ U(0, 0.8)
+  config.synthesis.num_augmenters = 3  # of DRAEM's ten
+  config.synthesis.saim_n_segments = (30, 150, 250)
+  config.synthesis.saim_compactness = 8.0
+  config.synthesis.saim_sigma = 1.0
+  config.synthesis.saim_fraction = 0.1  # share of segment ids pasted
+  config.synthesis.saim_rotations = (0, 90, 180)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.width = 128
+  config.model.bn_momentum = 0.9  # = PyTorch momentum 0.1
+  config.model.bn_epsilon = 1e-5
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.ssim_window = 11
+  config.loss.ssim_sigma = 1.5
+  config.loss.ssim_k1 = 0.01
+  config.loss.ssim_k2 = 0.03
+  config.loss.ssim_weight = 1.0
+  config.loss.l2_weight = 1.0
+
+  config.train = ml_collections.ConfigDict()
+  config.train.global_batch_size = 8
+  config.train.num_steps = 20000
+  config.train.learning_rate = 1e-4
+  config.train.lr_decay_fractions = (0.8, 0.9)
+  config.train.lr_decay_factor = 0.2
+  config.train.num_workers = 4  # host processes synthesising batches
+  config.train.prefetch_batches = 8  # batches built ahead of the device
+  config.train.log_every = 50
+  config.train.checkpoint_every = 1000
+  config.train.keep_checkpoints = 3
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 16
+  config.eval.score_filter_size = 21  # image score = max of mean-filtered map
+  config.eval.step = -1  # checkpoint step to evaluate; -1 = latest
+
+  # Multi-host: call jax.distributed.initialize() before anything touches
+  # the devices. Empty/negative values are left to JAX's cluster detection
+  # (SLURM, Open MPI, TPU pods, Kubernetes; JAX_COORDINATOR_ADDRESS).
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.enabled = False
+  config.distributed.coordinator_address = ''
+  config.distributed.num_processes = -1
+  config.distributed.process_id = -1
+  return config

@@ -1,0 +1,13 @@
+"""Dataset reading: MVTec AD layout folders and the built-in demo dataset."""
+
+from twostage_jax.data.cache import default_cache_dir
+from twostage_jax.data.demo import DEMO_CATEGORIES
+from twostage_jax.data.demo import ensure_demo_dataset
+from twostage_jax.data.errors import DatasetError
+from twostage_jax.data.images import image_size_of
+from twostage_jax.data.images import read_mask
+from twostage_jax.data.images import read_rgb
+from twostage_jax.data.mvtec import list_categories
+from twostage_jax.data.mvtec import load_test_set
+from twostage_jax.data.mvtec import load_train_images
+from twostage_jax.data.mvtec import TestSet

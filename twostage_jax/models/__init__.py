@@ -1,0 +1,5 @@
+"""Flax modules, applied as pure functions of (variables, inputs)."""
+
+from twostage_jax.models.segmentation import SegmentationNet
+
+__all__ = ['SegmentationNet']

@@ -1,0 +1,67 @@
+"""The per-stage segmentation network of the two-stage coarse-to-fine model.
+
+An encoder-decoder without skip connections (DESIGN.md, "Segmentation
+network"): the missing skips keep the network from copying input texture into
+the map, so it has to recognise the anomaly. Width 128 gives 11,959,681
+parameters (BatchNorm scale/bias included, running statistics excluded).
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Name of the mapped device axis; BatchNorm statistics are averaged over it.
+DATA_AXIS = 'data'
+
+
+class SegmentationNet(nn.Module):
+  """Maps an image (B, H, W, C) to a one-channel anomaly map (B, H, W).
+
+  Attributes:
+    width: channels of the first block; later blocks use 2x and 4x.
+    bn_momentum: decay of the BatchNorm running statistics.
+    bn_epsilon: BatchNorm variance epsilon.
+    axis_name: mapped axis over which batch statistics are averaged while
+      training (None when the network runs outside a mapped context).
+  """
+
+  width: int
+  bn_momentum: float
+  bn_epsilon: float
+  axis_name: str | None = DATA_AXIS
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    norm = functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=self.bn_momentum,
+        epsilon=self.bn_epsilon,
+        axis_name=self.axis_name if train else None,
+        use_fast_variance=False,
+    )
+
+    def conv_bn_relu(y: jax.Array, features: int) -> jax.Array:
+      y = nn.Conv(features, (3, 3), padding='SAME', use_bias=False)(y)
+      return nn.relu(norm()(y))
+
+    def upsample(y: jax.Array) -> jax.Array:
+      b, h, w, c = y.shape
+      return jax.image.resize(y, (b, 2 * h, 2 * w, c), 'bilinear')
+
+    w = self.width
+    for i, features in enumerate((w, 2 * w, 4 * w)):
+      x = conv_bn_relu(x, features)
+      x = conv_bn_relu(x, features)
+      if i < 2:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = upsample(x)
+    for features in (4 * w, 4 * w, 2 * w):
+      x = conv_bn_relu(x, features)
+    x = upsample(x)
+    for features in (2 * w, 2 * w, w):
+      x = conv_bn_relu(x, features)
+    x = nn.Conv(1, (3, 3), padding='SAME')(x)
+    return x[..., 0].astype(jnp.float32)

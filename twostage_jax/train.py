@@ -1,0 +1,183 @@
+"""Stage-1 training: TrainState, the pure train step and the training loop."""
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from twostage_jax import checkpoints as checkpoints_lib
+from twostage_jax import data
+from twostage_jax import losses
+from twostage_jax import parallel
+from twostage_jax import pipeline
+from twostage_jax import synthesis
+from twostage_jax.models import SegmentationNet
+from twostage_jax.models.segmentation import DATA_AXIS
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+def create_model(config: ml_collections.ConfigDict) -> nn.Module:
+  return SegmentationNet(
+      width=config.model.width,
+      bn_momentum=config.model.bn_momentum,
+      bn_epsilon=config.model.bn_epsilon)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Constant rate, multiplied by `lr_decay_factor` at each decay fraction of the steps."""
+  return optax.piecewise_constant_schedule(
+      config.learning_rate,
+      {int(f * config.num_steps): config.lr_decay_factor
+       for f in config.lr_decay_fractions})
+
+
+def create_train_state(config: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
+  """Fresh parameters, batch statistics and Adam state for `config`."""
+  model = create_model(config)
+  shape = (1, config.image_size, config.image_size, 3)
+  variables = model.init(key, jnp.zeros(shape, jnp.float32), train=False)
+  return TrainState.create(
+      apply_fn=model.apply,
+      params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      tx=optax.adam(learning_rate_schedule(config.train)))
+
+
+def abstract_train_state(config: ml_collections.ConfigDict,
+                         mesh: jax.sharding.Mesh) -> TrainState:
+  """Shapes, dtypes and replicated shardings of the state, for restoring."""
+  shapes = jax.eval_shape(create_train_state, config, jax.random.key(0))
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
+               loss_config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step on this device's share of the batch.
+
+  Written per device in the pmap style: gradients, metrics and (inside
+  BatchNorm) batch statistics are averaged over the `data` axis, so every
+  device ends the step with the same state. `key` is this step's PRNG key;
+  the stage-1 network has no stochastic layers and does not draw from it.
+  """
+  del key
+
+  def loss_fn(params):
+    prediction, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats},
+        batch['image'], train=True, mutable=['batch_stats'])
+    loss, metrics = losses.ssim_l2_loss(prediction, batch['mask'], loss_config)
+    return loss, (metrics, updates['batch_stats'])
+
+  grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, DATA_AXIS)
+  metrics = jax.lax.pmean(metrics, DATA_AXIS)
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+
+
+def make_synthesizer_factory(config: ml_collections.ConfigDict) -> pipeline.SynthesizerFactory:
+  """A picklable factory of the pseudo-anomaly synthesizer for the workers."""
+  sources = synthesis.load_anomaly_sources(config.anomaly_source_dir, config.image_size)
+  slic_dir = os.path.join(data.default_cache_dir(config.cache_dir), 'slic')
+  return functools.partial(
+      synthesis.PseudoAnomalySynthesizer, sources, config.synthesis, slic_dir)
+
+
+class _Progress:
+  """Prints step, loss, images/s and ETA; appends metrics to metrics.jsonl."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, start_step: int):
+    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._schedule = learning_rate_schedule(config.train)
+    self._num_steps = config.train.num_steps
+    self._batch = config.train.global_batch_size
+    self._writes = jax.process_index() == 0
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def restart_clock(self, step: int) -> None:
+    self._last_step, self._last_time = step, time.perf_counter()
+
+  def log(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    now = time.perf_counter()
+    steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self.restart_clock(step)
+    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    record.update(step=step, learning_rate=float(self._schedule(step - 1)),
+                  images_per_s=steps_per_s * self._batch, time=time.time())
+    eta = (self._num_steps - step) / max(steps_per_s, 1e-9)
+    logging.info('step %d/%d  loss %.4f  (l2 %.4f, ssim %.4f)  %.1f images/s  ETA %s',
+                 step, self._num_steps, record['loss'], record['l2'], record['ssim'],
+                 record['images_per_s'], time.strftime('%H:%M:%S', time.gmtime(eta)))
+    if self._writes:
+      with open(self._path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'checkpoints', 'stage1')
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains stage 1 on every device of every process; resumes from `workdir`."""
+  mesh = parallel.make_mesh()
+  local_batch = parallel.local_batch_size(config.train.global_batch_size)
+  data_dir = data.resolve_data_dir(config)
+  images = data.load_train_images(data_dir, config.category, config.image_size)
+  logging.info('training on %d images of %s/%s at %dx%d; anomaly sources: %s',
+               len(images), data_dir, config.category, config.image_size,
+               config.image_size, synthesis.describe_sources(config.anomaly_source_dir))
+
+  checkpoints = checkpoints_lib.Checkpoints(checkpoint_dir(workdir), config.train)
+  start_step = checkpoints.latest_step() or 0
+  if start_step:
+    state = checkpoints.restore(start_step, abstract_train_state(config, mesh))
+    logging.info('resumed from the checkpoint at step %d', start_step)
+  else:
+    state = jax.device_put(
+        create_train_state(config, jax.random.key(config.seed)), parallel.replicated(mesh))
+  if start_step >= config.train.num_steps:
+    checkpoints.close()
+    return state
+
+  plan = pipeline.BatchPlan(
+      num_images=len(images),
+      global_batch_size=config.train.global_batch_size,
+      local_batch_size=local_batch,
+      process_index=jax.process_index(),
+      seed=config.seed)
+  host_batches = pipeline.batches(
+      images, make_synthesizer_factory(config), plan, start_step,
+      config.train.num_steps, config.train.num_workers, config.train.prefetch_batches)
+  step_fn = parallel.data_parallel(
+      functools.partial(train_step, loss_config=config.loss), mesh)
+  step_key = jax.random.key(config.seed + 1)
+  progress = _Progress(workdir, config, start_step)
+
+  for step, host_batch in enumerate(host_batches, start=start_step):
+    batch = parallel.to_global_batch(host_batch, mesh)
+    state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, step))
+    done = step + 1
+    if step == start_step:
+      jax.block_until_ready(metrics)
+      progress.restart_clock(done)
+      logging.info('compiled and ran the first step')
+    elif done % config.train.log_every == 0 or done == config.train.num_steps:
+      progress.log(done, metrics)
+    checkpoints.save(done, state, config, force=done == config.train.num_steps)
+  checkpoints.close()
+  return state

@@ -32,6 +32,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = FLAGS.config
+  # Orbax reports every file it writes at INFO level; keep the progress readable.
+  logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
   parallel.initialize_distributed(config.distributed)  # before any device use
   logging.info('JAX %s on %d processes, %d devices (%s)', jax.__version__,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)

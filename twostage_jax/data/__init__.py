@@ -11,3 +11,4 @@ from twostage_jax.data.mvtec import list_categories
 from twostage_jax.data.mvtec import load_test_set
 from twostage_jax.data.mvtec import load_train_images
 from twostage_jax.data.mvtec import TestSet
+from twostage_jax.data.resolve import resolve_data_dir

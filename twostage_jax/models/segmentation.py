@@ -34,6 +34,10 @@ class SegmentationNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if x.shape[-3] % 4 or x.shape[-2] % 4:
+      raise ValueError(
+          f'image height and width must be multiples of 4 (two 2x2 poolings '
+          f'and upsamplings); got {x.shape[-3]}x{x.shape[-2]}')
     norm = functools.partial(
         nn.BatchNorm,
         use_running_average=not train,

@@ -1,0 +1,182 @@
+"""End to end through main.py: resume after a kill, multi-process training, evaluation."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from twostage_jax import evaluate
+from twostage_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def overrides(cache_dir, **extra):
+  """A tiny run on the demo data; the same values go to main.py and in-process runs."""
+  values = {
+      'cache_dir': str(cache_dir),
+      'image_size': 32,
+      'model.width': 4,
+      'demo.num_train': 16,
+      'demo.num_test_good': 4,
+      'demo.num_test_per_defect': 2,
+      'train.num_workers': 0,
+      'train.log_every': 2,
+      'eval.batch_size': 8,
+  }
+  values.update(extra)
+  return values
+
+
+def make_config(values):
+  config = demo.get_config()
+  config.update_from_flattened_dict(values)
+  return config
+
+
+def main_command(workdir, values, mode='train'):
+  flags = [f'--config.{k}={v}' for k, v in values.items()]
+  return [sys.executable, os.path.join(ROOT, 'main.py'),
+          f'--config={os.path.join(ROOT, "configs", "demo.py")}',
+          f'--workdir={workdir}', f'--mode={mode}'] + flags
+
+
+def environment(num_devices):
+  env = dict(os.environ)
+  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
+             JAX_PLATFORMS='cpu')
+  return env
+
+
+def final_params(config, workdir):
+  variables, step = evaluate.load_variables(config, str(workdir))
+  return jax.tree.leaves(variables), step
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('cache')
+
+
+@pytest.mark.slow
+def test_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(cache_dir, tmp_path):
+  values = overrides(cache_dir, **{'train.num_steps': 60, 'train.checkpoint_every': 3,
+                                   'train.keep_checkpoints': 50})
+  config = make_config(values)
+  reference = tmp_path / 'uninterrupted'
+  train.train(config, str(reference))
+
+  killed = tmp_path / 'killed'
+  process = subprocess.Popen(main_command(killed, values), env=environment(8), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  checkpoint = killed / 'checkpoints' / 'stage1' / '3'
+  deadline = time.time() + 300
+  while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert checkpoint.exists(), 'the run never wrote its step-3 checkpoint'
+  assert not (killed / 'checkpoints' / 'stage1' / '60').exists(), 'finished before the kill'
+  assert not (killed / 'eval').exists()
+
+  result = subprocess.run(main_command(killed, values), env=environment(8), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'resumed from the checkpoint at step' in result.stderr
+  resumed, step = final_params(config, killed)
+  expected, expected_step = final_params(config, reference)
+  assert step == expected_step == 60
+  for a, b in zip(resumed, expected):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  metrics = [json.loads(line) for line in (killed / 'metrics.jsonl').read_text().splitlines()]
+  assert metrics[-1]['step'] == 60
+  assert json.loads((killed / 'eval' / 'metrics.json').read_text())['step'] == 60
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(cache_dir, tmp_path):
+  values = overrides(cache_dir, **{'train.num_steps': 2, 'train.checkpoint_every': 2})
+  config = make_config(values)
+  reference = tmp_path / 'single'
+  train.train(config, str(reference))  # one process, 8 devices
+
+  workdir = tmp_path / 'multi'
+  port = free_port()
+  processes = []
+  for process_id in range(2):
+    distributed = dict(values, **{
+        'distributed.enabled': True,
+        'distributed.coordinator_address': f'localhost:{port}',
+        'distributed.num_processes': 2,
+        'distributed.process_id': process_id})
+    processes.append(subprocess.Popen(
+        main_command(workdir, distributed), env=environment(4), cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert '2 processes, 8 devices' in outputs[0][1]
+  multi, step = final_params(config, workdir)
+  single, _ = final_params(config, reference)
+  assert step == 2
+  # Same tolerance argument as tests/test_parallel.py: Adam's per-element
+  # normalisation turns rounding-level gradients into fractions of a step.
+  for a, b in zip(multi, single):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-3 * config.train.learning_rate)
+  written = json.loads((workdir / 'eval' / 'metrics.json').read_text())
+  assert written['step'] == 2 and 0.0 <= written['pixel_auroc'] <= 1.0
+
+
+def test_train_then_evaluate_from_the_checkpoint(cache_dir, tmp_path):
+  values = overrides(cache_dir, **{'train.num_steps': 4, 'train.checkpoint_every': 2,
+                                   'train.keep_checkpoints': 1})
+  config = make_config(values)
+  state = train.train(config, str(tmp_path))
+  assert int(state.step) == 4
+  lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in lines] == [4]  # step 2 is the compile step, not logged
+  assert {'loss', 'l2', 'ssim', 'learning_rate', 'images_per_s'} <= set(lines[0])
+  assert os.listdir(tmp_path / 'checkpoints' / 'stage1') == ['4']  # keeps 1
+
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  after_training = evaluate.evaluate(config, str(tmp_path), jax.device_get(variables), step=4)
+  from_checkpoint = evaluate.evaluate(config, str(tmp_path))
+  assert from_checkpoint == after_training
+  assert from_checkpoint['num_images'] == 4 + 3 * 2
+  written = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
+  assert written == from_checkpoint
+
+  # Running the finished command again resumes at the end and trains no more.
+  again = train.train(config, str(tmp_path))
+  np.testing.assert_array_equal(
+      jax.tree.leaves(jax.device_get(again.params))[0], jax.tree.leaves(jax.device_get(state.params))[0])
+
+
+def test_evaluate_without_checkpoint_names_the_folder(cache_dir, tmp_path):
+  config = make_config(overrides(cache_dir))
+  with pytest.raises(FileNotFoundError, match=f'no stage-1 checkpoint in {tmp_path}'):
+    evaluate.evaluate(config, str(tmp_path))
+  config.eval.step = 7
+  train.train(make_config(overrides(cache_dir, **{'train.num_steps': 2})), str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r'no checkpoint for step 7 .*available steps: \[2\]'):
+    evaluate.evaluate(config, str(tmp_path))
+
+
+def test_unknown_demo_category_is_a_clear_error(cache_dir, tmp_path):
+  config = make_config(overrides(cache_dir, category='bottle'))
+  with pytest.raises(ValueError, match="category 'bottle' is not in the built-in demo"):
+    train.train(config, str(tmp_path))

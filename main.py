@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from twostage_jax import config_validation
 from twostage_jax import evaluate
 from twostage_jax import parallel
 from twostage_jax import train
@@ -32,6 +33,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = FLAGS.config
+  config_validation.validate(config)
   # Orbax reports every file it writes at INFO level; keep the progress readable.
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
   parallel.initialize_distributed(config.distributed)  # before any device use

@@ -39,10 +39,10 @@ def main(_):
   batch = jax.device_put(
       {'image': rng.random((batch_size, size, size, 3), dtype=np.float32), 'mask': masks},
       parallel.batch_sharded(mesh))
-  state = jax.device_put(train.create_train_state(config, jax.random.key(0)),
+  state = jax.device_put(train.create_train_state(config, train.prng_key(0)),
                          parallel.replicated(mesh))
   step = parallel.data_parallel(functools.partial(train.train_step, loss_config=config.loss), mesh)
-  key = jax.random.key(0)
+  key = train.prng_key(0)
   start = time.perf_counter()
   state, metrics = step(state, batch, key)
   jax.block_until_ready(metrics)

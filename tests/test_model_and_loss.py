@@ -34,7 +34,7 @@ def test_parameter_count_at_paper_width():
 def test_output_is_one_map_per_image_at_input_size():
   model = SegmentationNet(4, 0.9, 1e-5, axis_name=None)
   x = jnp.ones((2, 32, 48, 3))
-  variables = model.init(jax.random.key(0), x, train=False)
+  variables = model.init(jax.random.key(0, impl='rbg'), x, train=False)
   assert model.apply(variables, x, train=False).shape == (2, 32, 48)
   with pytest.raises(ValueError, match=r'multiples of 4 .*got 30x48'):
     model.apply(variables, jnp.ones((2, 30, 48, 3)), train=False)

@@ -34,13 +34,13 @@ def random_batch(config, seed=0):
 
 def run_steps(config, devices, batches):
   mesh = Mesh(np.array(devices), (DATA_AXIS,))
-  state = jax.device_put(train.create_train_state(config, jax.random.key(0)),
+  state = jax.device_put(train.create_train_state(config, train.prng_key(0)),
                          parallel.replicated(mesh))
   step = parallel.data_parallel(functools.partial(train.train_step, loss_config=config.loss), mesh)
   losses = []
   for i, batch in enumerate(batches):
     sharded = jax.device_put(batch, parallel.batch_sharded(mesh))
-    state, metrics = step(state, sharded, jax.random.key(i))
+    state, metrics = step(state, sharded, train.prng_key(i))
     losses.append(float(metrics['loss']))
   return jax.device_get(state), losses
 
@@ -66,7 +66,7 @@ def test_eight_devices_match_one_device(num_steps):
   # tolerance is 1e-3 of a learning-rate step per step taken.
   assert_states_close(state8, state1, atol=1e-3 * config.train.learning_rate * num_steps)
   # The steps did move the parameters, so the comparison is not vacuous.
-  fresh = train.create_train_state(config, jax.random.key(0))
+  fresh = train.create_train_state(config, train.prng_key(0))
   moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
            for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(fresh.params))]
   assert min(moved) > 0.5 * config.train.learning_rate

@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 
 
 class Checkpoints:
-  """Saves every `checkpoint_every` steps, keeps the newest `keep_checkpoints`.
+  """Checkpoints of one training run; keeps the newest `keep_checkpoints`.
 
   A checkpoint holds the state pytree (params, batch statistics, optimizer
   state, step) and the config as JSON, so a run can be inspected and resumed
@@ -22,7 +22,6 @@ class Checkpoints:
         self.directory,
         item_names=('state', 'config'),
         options=ocp.CheckpointManagerOptions(
-            save_interval_steps=train_config.checkpoint_every,
             max_to_keep=train_config.keep_checkpoints,
             create=not read_only,
             read_only=read_only,
@@ -34,16 +33,15 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, config: ml_collections.ConfigDict,
-           force: bool = False) -> bool:
-    """Saves when `step` is due (or `force`); returns whether it saved."""
-    return self._manager.save(
+  def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
+    """Saves `state` as the checkpoint of `step` (in the background)."""
+    self._manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(config.to_dict()),
         ),
-        force=force)
+        force=True)
 
   def restore(self, step: int | None, target: Any) -> Any:
     """Restores the state at `step` (latest when None) into `target`'s structure.

@@ -1,0 +1,48 @@
+"""Checks a run's config before any work starts, naming the offending key."""
+
+from typing import Any, Callable
+
+import ml_collections
+
+# (key, predicate, what the value must be)
+_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ('image_size', lambda v: v > 0 and v % 4 == 0, 'a positive multiple of 4'),
+    ('model.width', lambda v: v > 0, 'positive'),
+    ('train.global_batch_size', lambda v: v > 0, 'positive'),
+    ('train.num_steps', lambda v: v > 0, 'positive'),
+    ('train.learning_rate', lambda v: v > 0, 'positive'),
+    ('train.lr_decay_fractions', lambda v: all(0 < f < 1 for f in v), 'fractions in (0, 1)'),
+    ('train.num_workers', lambda v: v >= 0, '0 (main process) or more'),
+    ('train.prefetch_batches', lambda v: v >= 1, 'at least 1'),
+    ('train.log_every', lambda v: v > 0, 'positive'),
+    ('train.checkpoint_every', lambda v: v > 0, 'positive'),
+    ('train.keep_checkpoints', lambda v: v > 0, 'positive'),
+    ('synthesis.p_anomaly', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('synthesis.p_perlin', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('synthesis.beta_max', lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    ('synthesis.perlin_max_exponent', lambda v: v >= 0, '0 or more'),
+    ('synthesis.num_augmenters', lambda v: 0 <= v <= 10, 'between 0 and 10'),
+    ('synthesis.saim_fraction', lambda v: 0 < v <= 1, 'in (0, 1]'),
+    ('synthesis.saim_n_segments', lambda v: len(v) > 0 and all(n > 1 for n in v),
+     'a non-empty list of segment counts > 1'),
+    ('eval.batch_size', lambda v: v > 0, 'positive'),
+    ('eval.score_filter_size', lambda v: v > 0 and v % 2 == 1, 'a positive odd number'),
+)
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError listing every config value outside its valid range."""
+  problems = []
+  for key, valid, expected in _RULES:
+    value = _get(config, key)
+    if not valid(value):
+      problems.append(f'config.{key} = {value!r} must be {expected}')
+  if problems:
+    raise ValueError('invalid config:\n  ' + '\n  '.join(problems))

@@ -10,13 +10,12 @@ import os
 
 import numpy as np
 from PIL import Image
-from PIL import UnidentifiedImageError
 from scipy import spatial
 from skimage import data as skimage_data
 
+from twostage_jax.data import images
+from twostage_jax.data.mvtec import IMAGE_EXTENSIONS
 from twostage_jax.synthesis import perlin
-
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 
 # Images shipped inside the scikit-image wheel (no pooch download needed).
 _SKIMAGE_NAMES = (
@@ -44,30 +43,11 @@ def _image_files(source_dir: str) -> list[str]:
   return sorted(paths)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-  """Grayscale, palette, RGBA (alpha dropped) or 16-bit/float -> 8-bit RGB."""
-  if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
-    values = np.asarray(image, dtype=np.float32)
-    low, high = float(values.min()), float(values.max())
-    scaled = (values - low) * (255.0 / max(high - low, 1e-12))
-    image = Image.fromarray(np.rint(scaled).astype(np.uint8))
-  return image.convert('RGB')
-
-
-def _resize(image: Image.Image, image_size: int) -> np.ndarray:
-  resized = image.resize((image_size, image_size),
-                         resample=Image.Resampling.BILINEAR)
-  return np.array(resized, dtype=np.uint8)
-
-
-def _read_image(path: str) -> Image.Image:
-  try:
-    with Image.open(path) as image:
-      image.load()
-      return _to_rgb(image)
-  except (UnidentifiedImageError, OSError, ValueError) as error:
-    raise ValueError(
-        f'Cannot decode anomaly source image {path!r}: {error}') from error
+def _resize(image: np.ndarray, image_size: int) -> np.ndarray:
+  """uint8 RGB (image_size, image_size, 3) from a grayscale/RGB/RGBA array."""
+  resized = Image.fromarray(image).convert('RGB').resize(
+      (image_size, image_size), resample=Image.Resampling.BILINEAR)
+  return np.asarray(resized, dtype=np.uint8)
 
 
 @functools.cache
@@ -159,8 +139,7 @@ _PROCEDURAL = (
 
 
 def _builtin_sources(image_size: int) -> list[np.ndarray]:
-  sources = [_resize(_to_rgb(Image.fromarray(image)), image_size)
-             for _, image in _skimage_images()]
+  sources = [_resize(image, image_size) for _, image in _skimage_images()]
   rng = np.random.default_rng(_PROCEDURAL_SEED)
   for _, make in _PROCEDURAL:
     texture = np.clip(make(image_size, rng), 0.0, 1.0)
@@ -186,8 +165,7 @@ def load_anomaly_sources(source_dir: str,
   """
   if not source_dir:
     return _builtin_sources(image_size)
-  return [_resize(_read_image(path), image_size)
-          for path in _image_files(source_dir)]
+  return [images.read_rgb(path, image_size) for path in _image_files(source_dir)]
 
 
 def describe_sources(source_dir: str) -> str:

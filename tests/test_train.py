@@ -107,12 +107,19 @@ def free_port():
     return s.getsockname()[1]
 
 
+def logged_losses(workdir):
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+  return {r['step']: r['loss'] for r in map(json.loads, lines)}
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_process(cache_dir, tmp_path):
-  values = overrides(cache_dir, **{'train.num_steps': 2, 'train.checkpoint_every': 2})
-  config = make_config(values)
+def test_main_trains_checkpoints_and_evaluates_in_two_processes(cache_dir, tmp_path):
+  """The CLI across 2 processes x 4 devices (the step's equivalence with one
+  process is tests/test_parallel.py's). Step 1's loss is taken before any
+  update, so it shows that the processes fed the same global batch."""
+  values = overrides(cache_dir, **{'train.num_steps': 2, 'train.log_every': 1})
   reference = tmp_path / 'single'
-  train.train(config, str(reference))  # one process, 8 devices
+  train.train(make_config(values), str(reference))
 
   workdir = tmp_path / 'multi'
   port = free_port()
@@ -130,15 +137,11 @@ def test_two_processes_match_one_process(cache_dir, tmp_path):
   for p, (_, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]
   assert '2 processes, 8 devices' in outputs[0][1]
-  multi, step = final_params(config, workdir)
-  single, _ = final_params(config, reference)
-  assert step == 2
-  # Same tolerance argument as tests/test_parallel.py: Adam's per-element
-  # normalisation turns rounding-level gradients into fractions of a step.
-  for a, b in zip(multi, single):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-3 * config.train.learning_rate)
+  assert (workdir / 'checkpoints' / 'stage1' / '2').is_dir()
+  assert logged_losses(workdir)[1] == pytest.approx(logged_losses(reference)[1], rel=1e-5)
   written = json.loads((workdir / 'eval' / 'metrics.json').read_text())
-  assert written['step'] == 2 and 0.0 <= written['pixel_auroc'] <= 1.0
+  assert written['step'] == 2 and written['num_images'] == 4 + 3 * 2
+  assert 'pixel AUROC' in outputs[0][0]
 
 
 def test_train_then_evaluate_from_the_checkpoint(cache_dir, tmp_path):
@@ -148,8 +151,9 @@ def test_train_then_evaluate_from_the_checkpoint(cache_dir, tmp_path):
   state = train.train(config, str(tmp_path))
   assert int(state.step) == 4
   lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['step'] for r in lines] == [2, 4]
-  assert {'loss', 'l2', 'ssim', 'learning_rate', 'images_per_s'} <= set(lines[0])
+  assert [r['step'] for r in lines] == [1, 2, 4]
+  assert 'images_per_s' not in lines[0]  # the first step includes compilation
+  assert {'loss', 'l2', 'ssim', 'learning_rate', 'images_per_s'} <= set(lines[1])
   assert os.listdir(tmp_path / 'checkpoints' / 'stage1') == ['4']  # keeps 1
 
   variables = {'params': state.params, 'batch_stats': state.batch_stats}

@@ -110,7 +110,11 @@ def make_synthesizer_factory(config: ml_collections.ConfigDict) -> pipeline.Synt
 
 
 class _Progress:
-  """Prints step, loss, images/s and ETA; appends metrics to metrics.jsonl."""
+  """Prints step, loss, images/s and ETA; appends metrics to metrics.jsonl.
+
+  The first step of a (re)started run includes compilation, so it reports
+  its duration instead of a throughput.
+  """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, start_step: int):
     self._path = os.path.join(workdir, 'metrics.jsonl')
@@ -121,20 +125,23 @@ class _Progress:
     self._last_step = start_step
     self._last_time = time.perf_counter()
 
-  def restart_clock(self, step: int) -> None:
-    self._last_step, self._last_time = step, time.perf_counter()
-
-  def log(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    now = time.perf_counter()
-    steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
-    self.restart_clock(step)
+  def log(self, step: int, metrics: dict[str, jax.Array], first: bool = False) -> None:
     record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    record.update(step=step, learning_rate=float(self._schedule(step - 1)),
-                  images_per_s=steps_per_s * self._batch, time=time.time())
-    eta = (self._num_steps - step) / max(steps_per_s, 1e-9)
-    logging.info('step %d/%d  loss %.4f  (l2 %.4f, ssim %.4f)  %.1f images/s  ETA %s',
-                 step, self._num_steps, record['loss'], record['l2'], record['ssim'],
-                 record['images_per_s'], time.strftime('%H:%M:%S', time.gmtime(eta)))
+    now = time.perf_counter()
+    elapsed = now - self._last_time
+    steps_per_s = (step - self._last_step) / max(elapsed, 1e-9)
+    self._last_step, self._last_time = step, now
+    record.update(step=step, learning_rate=float(self._schedule(step - 1)), time=time.time())
+    message = 'step %d/%d  loss %.4f  (l2 %.4f, ssim %.4f)' % (
+        step, self._num_steps, record['loss'], record['l2'], record['ssim'])
+    if first:
+      message += '  compiled and ran in %.1f s' % elapsed
+    else:
+      record['images_per_s'] = steps_per_s * self._batch
+      eta = (self._num_steps - step) / max(steps_per_s, 1e-9)
+      message += '  %.1f images/s  ETA %s' % (
+          record['images_per_s'], time.strftime('%H:%M:%S', time.gmtime(eta)))
+    logging.info(message)
     if self._writes:
       with open(self._path, 'a') as f:
         f.write(json.dumps(record) + '\n')
@@ -184,12 +191,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     batch = parallel.to_global_batch(host_batch, mesh)
     state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, step))
     done = step + 1
-    if step == start_step:
-      jax.block_until_ready(metrics)
-      progress.restart_clock(done)
-      logging.info('compiled and ran the first step')
-    elif done % config.train.log_every == 0 or done == config.train.num_steps:
-      progress.log(done, metrics)
+    if step == start_step or done % config.train.log_every == 0 or done == config.train.num_steps:
+      progress.log(done, metrics, first=step == start_step)
     if done % config.train.checkpoint_every == 0 or done == config.train.num_steps:
       checkpoints.save(done, state, config)
   checkpoints.close()

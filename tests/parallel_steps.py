@@ -1,0 +1,91 @@
+"""Data-parallel train steps on the real input pipeline, in one or several processes.
+
+Imported by tests/test_parallel.py for the single-process reference, and run
+as a script by it for the multi-process case:
+
+  python tests/parallel_steps.py CACHE_DIR OUT.npz COORDINATOR NUM_PROCESSES PROCESS_ID
+"""
+
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import ml_collections  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+import optax  # pylint: disable=g-import-not-at-top
+
+from configs import demo  # pylint: disable=g-import-not-at-top
+from twostage_jax import data  # pylint: disable=g-import-not-at-top
+from twostage_jax import parallel  # pylint: disable=g-import-not-at-top
+from twostage_jax import pipeline  # pylint: disable=g-import-not-at-top
+from twostage_jax import train  # pylint: disable=g-import-not-at-top
+
+# SGD makes the update linear in the averaged gradient, so parameters after
+# the step compare at the precision of the gradient itself. (Adam divides
+# each element by its own magnitude: see tests/test_parallel.py.)
+SGD = optax.sgd(0.1)
+
+
+def small_config(cache_dir: str) -> ml_collections.ConfigDict:
+  config = demo.get_config()
+  config.cache_dir = cache_dir
+  config.image_size = 32
+  config.model.width = 8
+  config.demo.num_train = 16
+  config.train.global_batch_size = 8
+  return config
+
+
+def initial_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation | None):
+  state = train.create_train_state(config, train.prng_key(0))
+  if tx is not None:
+    state = state.replace(tx=tx, opt_state=tx.init(state.params))
+  return state
+
+
+def run(config: ml_collections.ConfigDict, num_steps: int,
+        tx: optax.GradientTransformation | None = SGD,
+        mesh: jax.sharding.Mesh | None = None) -> tuple[dict, list[float]]:
+  """Trains `num_steps` on pipeline batches; returns host variables and losses.
+
+  Each process builds only its own slice of every global batch.
+  """
+  mesh = mesh or parallel.make_mesh()
+  images = data.load_train_images(data.resolve_data_dir(config), config.category,
+                                  config.image_size)
+  plan = pipeline.BatchPlan(
+      num_images=len(images),
+      global_batch_size=config.train.global_batch_size,
+      local_batch_size=config.train.global_batch_size // jax.process_count(),
+      process_index=jax.process_index(),
+      seed=config.seed)
+  synthesize = train.make_synthesizer_factory(config)()
+  state = jax.device_put(initial_state(config, tx), parallel.replicated(mesh))
+  step_fn = parallel.data_parallel(
+      functools.partial(train.train_step, loss_config=config.loss), mesh)
+  losses = []
+  for step in range(num_steps):
+    batch = pipeline.build_batch(images, synthesize, plan, step)
+    state, metrics = step_fn(state, parallel.to_global_batch(batch, mesh), train.prng_key(step))
+    losses.append(float(parallel.to_host(metrics['loss'])))
+  variables = parallel.to_host({'params': state.params, 'batch_stats': state.batch_stats})
+  return variables, losses
+
+
+def main(argv: list[str]) -> None:
+  cache_dir, out, coordinator, num_processes, process_id = argv[1:]
+  parallel.initialize_distributed(ml_collections.ConfigDict({
+      'enabled': True, 'coordinator_address': coordinator,
+      'num_processes': int(num_processes), 'process_id': int(process_id)}))
+  variables, losses = run(small_config(cache_dir), num_steps=2)
+  if jax.process_index() == 0:
+    leaves = {jax.tree_util.keystr(p): v
+              for p, v in jax.tree_util.tree_leaves_with_path(variables)}
+    np.savez(out, losses=np.array(losses), **leaves)
+
+
+if __name__ == '__main__':
+  main(sys.argv)

@@ -12,3 +12,9 @@ from twostage_jax.data.mvtec import load_test_set
 from twostage_jax.data.mvtec import load_train_images
 from twostage_jax.data.mvtec import TestSet
 from twostage_jax.data.resolve import resolve_data_dir
+
+__all__ = [
+    'DEMO_CATEGORIES', 'DatasetError', 'TestSet', 'default_cache_dir', 'ensure_demo_dataset',
+    'image_size_of', 'list_categories', 'load_test_set', 'load_train_images', 'read_mask',
+    'read_rgb', 'resolve_data_dir',
+]

@@ -7,7 +7,6 @@ Usage:
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -16,6 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import machine  # pylint: disable=g-import-not-at-top
 from configs import mvtec  # pylint: disable=g-import-not-at-top
 from twostage_jax import synthesis  # pylint: disable=g-import-not-at-top
 
@@ -69,9 +69,7 @@ def main() -> None:
                       help="texture folder; '' = built-in set")
   args = parser.parse_args()
 
-  print(f'machine: {platform.platform()}, {platform.processor() or "?"}, '
-        f'{os.cpu_count()} CPUs, python {platform.python_version()}, '
-        f'numpy {np.__version__}')
+  print(f'machine: {machine.describe()}, numpy {np.__version__}')
   print(synthesis.describe_sources(args.anomaly_source_dir))
   sources = synthesis.load_anomaly_sources(args.anomaly_source_dir,
                                            args.image_size)

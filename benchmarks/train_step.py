@@ -9,7 +9,6 @@ synthetic batches (no input pipeline), after one warm-up step.
 
 import functools
 import os
-import platform
 import sys
 import time
 
@@ -20,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import machine  # pylint: disable=g-import-not-at-top
 from twostage_jax import parallel  # pylint: disable=g-import-not-at-top
 from twostage_jax import train  # pylint: disable=g-import-not-at-top
 
@@ -52,8 +52,8 @@ def main(_):
     state, metrics = step(state, batch, key)
   jax.block_until_ready(metrics)
   step_s = (time.perf_counter() - start) / FLAGS.steps
-  print(f'machine: {platform.platform()}, {jax.device_count()} x {jax.devices()[0].device_kind}, '
-        f'JAX {jax.__version__}')
+  print(f'machine: {machine.describe()}; {jax.device_count()} x '
+        f'{jax.devices()[0].device_kind}, JAX {jax.__version__}')
   print(f'config: image {size}x{size}, width {config.model.width}, global batch {batch_size}')
   print(f'first step (compile + run): {compile_s:.1f} s')
   print(f'step time: {step_s * 1e3:.1f} ms   throughput: {batch_size / step_s:.1f} images/s')

@@ -1,4 +1,4 @@
-"""Stage-1 evaluation: anomaly maps of the test split, image scores, AUROC."""
+"""Stage-1 evaluation: anomaly maps of the test split, image scores, MVTec metrics."""
 
 import json
 import os
@@ -87,6 +87,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       'num_anomalous': int(test.labels.sum()),
       'pixel_auroc': metrics.auroc(maps, test.masks),
       'image_auroc': metrics.auroc(scores, test.labels),
+      'pixel_aupro': metrics.aupro(maps, test.masks),
+      'pixel_ap': metrics.average_precision(maps, test.masks),
+      'pixel_f1_max': metrics.f1_max(maps, test.masks)[0],
+      'image_f1_max': metrics.f1_max(scores, test.labels)[0],
+      'pixel_iou_max': metrics.iou_max(maps, test.masks)[0],
   }
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, 'eval')
@@ -97,8 +102,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
+_COLUMNS = (('pixel_auroc', 'pixel AUROC'), ('image_auroc', 'image AUROC'),
+            ('pixel_aupro', 'AUPRO@0.3'), ('pixel_ap', 'pixel AP'),
+            ('pixel_f1_max', 'pixel F1'), ('image_f1_max', 'image F1'),
+            ('pixel_iou_max', 'IoU'))
+
+
 def format_table(results: dict[str, Any]) -> str:
-  header = f'{"category":<16}{"step":>8}{"images":>8}{"pixel AUROC":>14}{"image AUROC":>14}'
-  row = (f'{results["category"]:<16}{results["step"]:>8}{results["num_images"]:>8}'
-         f'{results["pixel_auroc"]:>14.4f}{results["image_auroc"]:>14.4f}')
+  header = f'{"category":<12}{"step":>7}{"images":>7}' + ''.join(
+      f'{title:>13}' for _, title in _COLUMNS)
+  row = f'{results["category"]:<12}{results["step"]:>7}{results["num_images"]:>7}' + ''.join(
+      f'{results[key]:>13.4f}' for key, _ in _COLUMNS)
   return '\n'.join([header, '-' * len(header), row])

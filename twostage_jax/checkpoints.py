@@ -43,16 +43,12 @@ class Checkpoints:
         ),
         force=True)
 
-  def restore(self, step: int | None, target: Any) -> Any:
-    """Restores the state at `step` (latest when None) into `target`'s structure.
+  def restore(self, step: int, target: Any) -> Any:
+    """Restores the state at `step` into `target`'s structure.
 
     `target` holds arrays or jax.ShapeDtypeStruct; their shardings say where
     the restored arrays are placed.
     """
-    if step is None:
-      step = self.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.directory}')
     if step not in self.all_steps():
       raise FileNotFoundError(
           f'no checkpoint for step {step} in {self.directory}; '

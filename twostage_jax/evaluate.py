@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from twostage_jax import checkpoints as checkpoints_lib
 from twostage_jax import data
@@ -59,14 +59,14 @@ def predict(config: ml_collections.ConfigDict, variables: Variables,
     maps = model.apply(variables, batch.astype(jnp.float32) / 255.0, train=False)
     return maps, mean_filter_max(maps, config.eval.score_filter_size)
 
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  variables = jax.device_put(variables, parallel.replicated(mesh))
   maps, scores = [], []
   for start in range(0, len(images), batch_size):
     batch = images[start:start + batch_size]
     count = len(batch)
     batch = np.concatenate([batch, np.zeros((batch_size - count,) + batch.shape[1:], batch.dtype)])
     batch_maps, batch_scores = infer(
-        variables, jax.device_put(batch, NamedSharding(mesh, P(DATA_AXIS))))
+        variables, jax.device_put(batch, parallel.batch_sharded(mesh)))
     maps.append(np.asarray(batch_maps)[:count])
     scores.append(np.asarray(batch_scores)[:count])
   return np.concatenate(maps), np.concatenate(scores)

@@ -1,32 +1,89 @@
-"""Trains and evaluates the two-stage anomaly segmentation model.
+"""Trains, evaluates and applies the two-stage anomaly segmentation model.
 
   python main.py --config=configs/demo.py --workdir=runs/demo
   python main.py --config=configs/mvtec.py --workdir=runs/bottle \
       --config.data_dir=/data/mvtec_ad --config.category=bottle
   python main.py --config=configs/mvtec.py --workdir=runs/bottle --mode=evaluate
+  python main.py --config=configs/mvtec.py --workdir=runs/bottle --mode=predict \
+      --config.predict_dir=/data/new_images
+  python main.py --config=configs/mvtec.py --workdir=runs/mvtec \
+      --config.data_dir=/data/mvtec_ad --config.category=all
 
-Running the same training command again resumes from the latest checkpoint.
+Running the same training command again resumes where it stopped.
 """
 
+import json
+import os
+
 import jax
+import ml_collections
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from twostage_jax import config_validation
+from twostage_jax import data
 from twostage_jax import evaluate
+from twostage_jax import inference
 from twostage_jax import parallel
+from twostage_jax import predict
+from twostage_jax import report
 from twostage_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Config file; override values with --config.key=value.',
     lock_config=True)
-flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and evaluation.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'],
-                  'train: train (or resume), then evaluate; evaluate: evaluate a checkpoint.')
+flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics, reports and predictions.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict'],
+                  'train: train the stages of config.stage (or resume), then evaluate; '
+                  'evaluate: evaluate the checkpoints; predict: score config.predict_dir.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+ALL_CATEGORIES = 'all'
+
+
+def run_category(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict | None:
+  """Runs `mode` for one category; returns its evaluation results."""
+  if mode == 'predict':
+    predict.predict(config, workdir)
+    return None
+  if mode == 'train':
+    for stage in train.stages_to_train(config):
+      train.train(config, workdir, stage)
+  return evaluate.evaluate(config, workdir, inference.load_model(config, workdir))
+
+
+def categories_of(config: ml_collections.ConfigDict) -> list[str]:
+  """Every category under config.data_dir (the demo's when it is '')."""
+  if not config.data_dir:
+    return list(data.DEMO_CATEGORIES)
+  return data.list_categories(config.data_dir)
+
+
+def run_all_categories(config: ml_collections.ConfigDict, workdir: str, mode: str) -> None:
+  """One model per category in `<workdir>/<category>`, then a summary with the mean."""
+  if mode == 'predict':
+    raise app.UsageError('--mode=predict uses one trained category; set --config.category '
+                         'and point --workdir at that category\'s run')
+  categories = categories_of(config)
+  logging.info('%s on %d categories: %s', mode, len(categories), ', '.join(categories))
+  results = []
+  for category in categories:
+    category_config = config.copy_and_resolve_references()
+    category_config.category = category
+    results.append(run_category(category_config, os.path.join(workdir, category), mode))
+  if jax.process_index() == 0:
+    out_dir = os.path.join(workdir, 'eval')
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+      json.dump(results, f, indent=2)
+    figures = {f'{r["category"]}: test images': f'../{r["category"]}/eval/examples.png'
+               for r in results}
+    with open(os.path.join(out_dir, 'report.md'), 'w') as f:
+      f.write(report.markdown_report(results, 'Evaluation: all categories', figures))
+  print(report.format_table(results), flush=True)
 
 
 def main(argv: list[str]) -> None:
@@ -39,12 +96,10 @@ def main(argv: list[str]) -> None:
   parallel.initialize_distributed(config.distributed)  # before any device use
   logging.info('JAX %s on %d processes, %d devices (%s)', jax.__version__,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
-  if FLAGS.mode == 'train':
-    state = train.train(config, FLAGS.workdir)
-    variables = parallel.to_host({'params': state.params, 'batch_stats': state.batch_stats})
-    evaluate.evaluate(config, FLAGS.workdir, variables, step=int(parallel.to_host(state.step)))
+  if config.category == ALL_CATEGORIES:
+    run_all_categories(config, FLAGS.workdir, FLAGS.mode)
   else:
-    evaluate.evaluate(config, FLAGS.workdir)
+    run_category(config, FLAGS.workdir, FLAGS.mode)
 
 
 if __name__ == '__main__':

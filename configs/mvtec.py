@@ -1,4 +1,4 @@
-"""Paper recipe of the two-stage model's stage 1 on one MVTec AD category.
+"""Paper recipe of the two-stage model on one MVTec AD category.
 
 Usage:
   python main.py --config=configs/mvtec.py --workdir=runs/bottle \
@@ -11,6 +11,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Which stages --mode=train trains: 'both' (stage 1, then stage 2), '1'
+  # or '2' (stage 2 alone needs stage 1's checkpoint in the workdir).
+  config.stage = 'both'
 
   # Data: an MVTec-AD-layout folder; '' selects the built-in demo dataset.
   config.data_dir = ''
@@ -58,6 +61,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.ssim_weight = 1.0
   config.loss.l2_weight = 1.0
 
+  # Stage 2 (DESIGN.md "Stage 2"; documented in twostage_jax/refine.py).
+  config.refine = ml_collections.ConfigDict()
+  config.refine.threshold_rule = 'absolute'  # or 'relative' (x the map's max)
+  config.refine.threshold = 0.5  # midway between the targets 0 and 1
+  config.refine.median_size = 3
+  config.refine.n_segments = 250  # SLIC of the input image
+  config.refine.compactness = 8.0
+  config.refine.sigma = 1.0
+  config.refine.combine = 'sum'  # final map; also 'mean', 'max', 'stage2'
+
+  config.stage2 = ml_collections.ConfigDict()
+  config.stage2.loss = config.loss.copy_and_resolve_references()
+  config.stage2.loss.ssim_weight = 0.0  # the paper's stage 2 uses L2 alone
+
   config.train = ml_collections.ConfigDict()
   config.train.global_batch_size = 8
   config.train.num_steps = 20000
@@ -73,7 +90,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 16
   config.eval.score_filter_size = 21  # image score = max of mean-filtered map
-  config.eval.step = -1  # checkpoint step to evaluate; -1 = latest
+  config.eval.stage1_step = -1  # checkpoint steps to evaluate; -1 = latest
+  config.eval.stage2_step = -1
+  config.eval.pro_max_fpr = 0.3  # AUPRO integrated to this FPR
+  config.eval.num_examples = 6  # worst and best test images drawn in the report
+
+  # Decision thresholds for --mode=predict, fixed after training from normal
+  # training images held out of training (never from the test set): the
+  # image threshold is this quantile of their image scores, the pixel
+  # threshold this quantile of their final-map pixels.
+  config.calibration = ml_collections.ConfigDict()
+  config.calibration.holdout_fraction = 0.1  # of train/good
+  config.calibration.image_quantile = 0.99
+  config.calibration.pixel_quantile = 0.999
+
+  # --mode=predict: folder of images to score, and where the heatmaps, masks
+  # and scores.csv go ('' = <workdir>/predictions).
+  config.predict_dir = ''
+  config.predict_output_dir = ''
 
   # Multi-host: call jax.distributed.initialize() before anything touches
   # the devices. Empty/negative values are left to JAX's cluster detection

@@ -62,13 +62,13 @@ def run(config: ml_collections.ConfigDict, num_steps: int,
       local_batch_size=config.train.global_batch_size // jax.process_count(),
       process_index=jax.process_index(),
       seed=config.seed)
-  synthesize = train.make_synthesizer_factory(config)()
+  sample = train.make_sampler_factory(config, stage=1)()
   state = jax.device_put(initial_state(config, tx), parallel.replicated(mesh))
   step_fn = parallel.data_parallel(
       functools.partial(train.train_step, loss_config=config.loss), mesh)
   losses = []
   for step in range(num_steps):
-    batch = pipeline.build_batch(images, synthesize, plan, step)
+    batch = pipeline.build_batch(images, sample, plan, step)
     state, metrics = step_fn(state, parallel.to_global_batch(batch, mesh), train.prng_key(step))
     losses.append(float(parallel.to_host(metrics['loss'])))
   variables = parallel.to_host({'params': state.params, 'batch_stats': state.batch_stats})

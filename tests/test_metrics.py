@@ -238,3 +238,71 @@ def test_new_metrics_reject_bad_input():
     metrics.aupro(np.zeros(16), normal.ravel())
   with pytest.raises(ValueError, match=r'max_fpr must lie in \(0, 1\]'):
     metrics.aupro(np.zeros((4, 4)), ~normal, max_fpr=0)
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_roc_curve_equals_sklearn_points_with_ties(seed):
+  sk_metrics = pytest.importorskip('sklearn.metrics')
+  scores, labels = tied_scores(seed)
+  fpr, tpr = metrics.roc_curve(scores, labels)
+  sk_fpr, sk_tpr, _ = sk_metrics.roc_curve(labels, scores, drop_intermediate=False)
+  # scikit-learn prepends (0, 0) at threshold inf; add it if a version does not.
+  if sk_fpr[0] != 0 or sk_tpr[0] != 0:
+    sk_fpr, sk_tpr = np.append(0.0, sk_fpr), np.append(0.0, sk_tpr)
+  np.testing.assert_allclose(fpr, sk_fpr, atol=1e-12)
+  np.testing.assert_allclose(tpr, sk_tpr, atol=1e-12)
+  assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+  assert len(fpr) == len(np.unique(scores)) + 1
+  assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.auroc(scores, labels), abs=1e-12)
+
+
+def test_roc_curve_rejects_one_class_and_mismatched_shapes():
+  with pytest.raises(ValueError, match='needs both normal and anomalous.*0 anomalous and 4 normal'):
+    metrics.roc_curve(np.arange(4.0), np.zeros(4))
+  with pytest.raises(ValueError, match='4 anomalous and 0 normal'):
+    metrics.roc_curve(np.arange(4.0), np.ones(4))
+  with pytest.raises(ValueError, match=r'of shape \(5,\) but .* of shape \(4,\)'):
+    metrics.roc_curve(np.arange(5.0), np.array([0, 1, 0, 1]))
+
+
+def test_pro_curve_of_half_found_region_by_hand():
+  # As in test_aupro_half_of_region_found: (0, 0) -> (0, 0.5) at t=1, then
+  # interpolated to PRO 0.65 at FPR 0.3 (the next point, (1, 1), lies beyond).
+  anomaly_map, mask = one_image()
+  anomaly_map[2, 2:4] = 1.0
+  fpr, pro = metrics.pro_curve(anomaly_map, mask)
+  np.testing.assert_allclose(fpr, [0.0, 0.0, 0.3], atol=1e-12)
+  np.testing.assert_allclose(pro, [0.0, 0.5, 0.65], atol=1e-12)
+
+
+@pytest.mark.parametrize('seed', range(3))
+@pytest.mark.parametrize('max_fpr', [0.05, 0.3, 1.0])
+def test_pro_curve_ends_at_max_fpr_and_integrates_to_aupro(seed, max_fpr):
+  rng = np.random.default_rng(seed)
+  masks = scipy.ndimage.binary_dilation(rng.random((3, 10, 10)) < 0.05, np.ones((1, 2, 2)))
+  maps = np.round(rng.random((3, 10, 10)) + 0.5 * masks, 1)
+  fpr, pro = metrics.pro_curve(maps, masks, max_fpr)
+  assert (fpr[0], pro[0]) == (0.0, 0.0)
+  assert fpr[-1] == max_fpr
+  assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= 0)
+  assert np.all(fpr <= max_fpr)
+  assert np.trapezoid(pro, fpr) / max_fpr == metrics.aupro(maps, masks, max_fpr)
+  assert metrics.aupro(maps, masks, max_fpr) == pytest.approx(
+      brute_force_aupro(maps, masks, max_fpr), abs=1e-12)
+
+
+def test_pro_curve_reaching_max_fpr_exactly_is_not_interpolated():
+  # 6 of 60 normal pixels score 1: the point (0.1, 0) lies exactly at max_fpr.
+  anomaly_map, mask = one_image()
+  anomaly_map[5:7, 4:7] = 1.0
+  fpr, pro = metrics.pro_curve(anomaly_map, mask, max_fpr=0.1)
+  np.testing.assert_allclose(fpr, [0.0, 0.1], atol=1e-15)
+  np.testing.assert_allclose(pro, [0.0, 0.0])
+
+
+def test_pro_curve_keeps_aupro_validation():
+  normal = np.zeros((4, 4), bool)
+  with pytest.raises(ValueError, match='at least one anomalous region'):
+    metrics.pro_curve(np.zeros((4, 4)), normal)
+  with pytest.raises(ValueError, match=r'max_fpr must lie in \(0, 1\]'):
+    metrics.pro_curve(np.zeros((4, 4)), ~normal, max_fpr=1.5)

@@ -10,10 +10,11 @@ from twostage_jax import pipeline
 from twostage_jax import synthesis
 
 
-def make_synthesizer(size):
+def make_sampler(size, refine=False):
   config = demo.get_config()
   sources = synthesis.load_anomaly_sources('', size)[:4]
-  return functools.partial(synthesis.PseudoAnomalySynthesizer, sources, config.synthesis, None)
+  return functools.partial(synthesis.TrainingSampler, sources, config.synthesis, None,
+                           config.refine if refine else None)
 
 
 @pytest.fixture(scope='module')
@@ -36,16 +37,16 @@ def test_each_epoch_visits_every_image_once():
 
 
 def test_process_slices_make_up_the_global_batch(images):
-  synthesize = make_synthesizer(32)()
-  whole = pipeline.build_batch(images, synthesize, plan(), step=5)
-  parts = [pipeline.build_batch(images, synthesize, plan(local_batch=2, process=p), step=5)
+  sample = make_sampler(32)()
+  whole = pipeline.build_batch(images, sample, plan(), step=5)
+  parts = [pipeline.build_batch(images, sample, plan(local_batch=2, process=p), step=5)
            for p in (0, 1)]
   for key in ('image', 'mask'):
     np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
 
 
 def test_batches_are_a_function_of_step_and_seed(images):
-  factory = make_synthesizer(32)
+  factory = make_sampler(32)
   a = list(pipeline.batches(images, factory, plan(), 0, 6, num_workers=0, prefetch=2))
   b = list(pipeline.batches(images, factory, plan(), 3, 6, num_workers=0, prefetch=2))
   for x, y in zip(a[3:], b):
@@ -60,10 +61,23 @@ def test_batches_are_a_function_of_step_and_seed(images):
 
 
 def test_worker_pool_gives_the_same_batches_in_order(images):
-  factory = make_synthesizer(32)
+  factory = make_sampler(32)
   serial = list(pipeline.batches(images, factory, plan(), 0, 7, num_workers=0, prefetch=1))
   pooled = list(pipeline.batches(images, factory, plan(), 0, 7, num_workers=2, prefetch=3))
   assert len(pooled) == 7
   for x, y in zip(serial, pooled):
     np.testing.assert_array_equal(x['image'], y['image'])
     np.testing.assert_array_equal(x['mask'], y['mask'])
+
+
+def test_stage2_samples_carry_the_slic_labels_of_the_pseudo_anomalous_image(images):
+  stage1 = pipeline.build_batch(images, make_sampler(32)(), plan(), step=2)
+  stage2 = pipeline.build_batch(images, make_sampler(32, refine=True)(), plan(), step=2)
+  assert set(stage1) == {'image', 'mask'} and set(stage2) == {'image', 'mask', 'labels'}
+  for key in ('image', 'mask'):  # the same stream for both stages
+    np.testing.assert_array_equal(stage1[key], stage2[key])
+  refine = demo.get_config().refine
+  for image, labels in zip(stage2['image'], stage2['labels']):
+    expected = synthesis.slic_labels(image, refine.n_segments, refine.compactness, refine.sigma)
+    np.testing.assert_array_equal(labels, expected)
+    assert labels.dtype == np.int32 and labels.shape == (32, 32)

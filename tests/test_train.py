@@ -14,6 +14,8 @@ import pytest
 
 from configs import demo
 from twostage_jax import evaluate
+from twostage_jax import inference
+from twostage_jax import parallel
 from twostage_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,9 +58,9 @@ def environment(num_devices):
   return env
 
 
-def final_params(config, workdir):
-  variables, step = evaluate.load_variables(config, str(workdir))
-  return jax.tree.leaves(variables), step
+def final_params(config, workdir, stage):
+  state, step = train.restore_state(config, str(workdir), stage, parallel.make_mesh())
+  return jax.tree.leaves(jax.device_get(train.variables_of(state))), step
 
 
 @pytest.fixture(scope='module')
@@ -66,39 +68,54 @@ def cache_dir(tmp_path_factory):
   return tmp_path_factory.mktemp('cache')
 
 
-@pytest.mark.slow
-def test_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(cache_dir, tmp_path):
-  values = overrides(cache_dir, **{'train.num_steps': 60, 'train.checkpoint_every': 3,
-                                   'train.keep_checkpoints': 50})
-  config = make_config(values)
-  reference = tmp_path / 'uninterrupted'
-  train.train(config, str(reference))
+RESUME_VALUES = {'train.num_steps': 30, 'train.checkpoint_every': 3,
+                 'train.keep_checkpoints': 50}
 
+
+@pytest.fixture(scope='module')
+def uninterrupted(cache_dir, tmp_path_factory):
+  """Both stages trained in this process without interruption."""
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  config = make_config(overrides(cache_dir, **RESUME_VALUES))
+  for stage in (1, 2):
+    train.train(config, str(workdir), stage)
+  return config, workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('killed_stage', [1, 2])
+def test_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(
+    cache_dir, tmp_path, uninterrupted, killed_stage):
+  config, reference = uninterrupted
+  values = overrides(cache_dir, **RESUME_VALUES)
   killed = tmp_path / 'killed'
   process = subprocess.Popen(main_command(killed, values), env=environment(8), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  checkpoint = killed / 'checkpoints' / 'stage1' / '3'
+  checkpoint = killed / 'checkpoints' / f'stage{killed_stage}' / '3'
   deadline = time.time() + 300
   while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  assert checkpoint.exists(), 'the run never wrote its step-3 checkpoint'
-  assert not (killed / 'checkpoints' / 'stage1' / '60').exists(), 'finished before the kill'
+  assert checkpoint.exists(), f'the run never wrote its stage-{killed_stage} step-3 checkpoint'
+  assert not (killed / 'checkpoints' / f'stage{killed_stage}' / '30').exists(), 'finished early'
   assert not (killed / 'eval').exists()
 
   result = subprocess.run(main_command(killed, values), env=environment(8), cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'resumed from the checkpoint at step' in result.stderr
-  resumed, step = final_params(config, killed)
-  expected, expected_step = final_params(config, reference)
-  assert step == expected_step == 60
-  for a, b in zip(resumed, expected):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert f'stage {killed_stage} resumed from the checkpoint at step' in result.stderr
+  for stage in (1, 2):
+    resumed, step = final_params(config, killed, stage)
+    expected, expected_step = final_params(config, reference, stage)
+    assert step == expected_step == 30
+    for a, b in zip(resumed, expected):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   metrics = [json.loads(line) for line in (killed / 'metrics.jsonl').read_text().splitlines()]
-  assert metrics[-1]['step'] == 60
-  assert json.loads((killed / 'eval' / 'metrics.json').read_text())['step'] == 60
+  assert (metrics[-1]['stage'], metrics[-1]['step']) == (2, 30)
+  written = json.loads((killed / 'eval' / 'metrics.json').read_text())
+  assert written['stage1_step'] == written['stage2_step'] == 30
+  assert list(written['rows']) == ['stage 1', 'stage 2', 'combined']
 
 
 def free_port():
@@ -109,7 +126,7 @@ def free_port():
 
 def logged_losses(workdir):
   lines = (workdir / 'metrics.jsonl').read_text().splitlines()
-  return {r['step']: r['loss'] for r in map(json.loads, lines)}
+  return {r['step']: r['loss'] for r in map(json.loads, lines) if r['stage'] == 1}
 
 
 @pytest.mark.slow
@@ -119,7 +136,7 @@ def test_main_trains_checkpoints_and_evaluates_in_two_processes(cache_dir, tmp_p
   update, so it shows that the processes fed the same global batch."""
   values = overrides(cache_dir, **{'train.num_steps': 2, 'train.log_every': 1})
   reference = tmp_path / 'single'
-  train.train(make_config(values), str(reference))
+  train.train(make_config(values), str(reference), 1)
 
   workdir = tmp_path / 'multi'
   port = free_port()
@@ -138,9 +155,11 @@ def test_main_trains_checkpoints_and_evaluates_in_two_processes(cache_dir, tmp_p
     assert p.returncode == 0, err[-3000:]
   assert '2 processes, 8 devices' in outputs[0][1]
   assert (workdir / 'checkpoints' / 'stage1' / '2').is_dir()
+  assert (workdir / 'checkpoints' / 'stage2' / '2').is_dir()
   assert logged_losses(workdir)[1] == pytest.approx(logged_losses(reference)[1], rel=1e-5)
   written = json.loads((workdir / 'eval' / 'metrics.json').read_text())
-  assert written['step'] == 2 and written['num_images'] == 4 + 3 * 2
+  assert written['stage1_step'] == written['stage2_step'] == 2
+  assert written['num_images'] == 4 + 3 * 2
   assert 'pixel AUROC' in outputs[0][0]
 
 
@@ -148,7 +167,7 @@ def test_train_then_evaluate_from_the_checkpoint(cache_dir, tmp_path):
   values = overrides(cache_dir, **{'train.num_steps': 4, 'train.checkpoint_every': 2,
                                    'train.keep_checkpoints': 1})
   config = make_config(values)
-  state = train.train(config, str(tmp_path))
+  state = train.train(config, str(tmp_path), 1)
   assert int(state.step) == 4
   lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in lines] == [1, 2, 4]
@@ -156,26 +175,27 @@ def test_train_then_evaluate_from_the_checkpoint(cache_dir, tmp_path):
   assert {'loss', 'l2', 'ssim', 'learning_rate', 'images_per_s'} <= set(lines[1])
   assert os.listdir(tmp_path / 'checkpoints' / 'stage1') == ['4']  # keeps 1
 
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  after_training = evaluate.evaluate(config, str(tmp_path), jax.device_get(variables), step=4)
+  model = inference.TrainedModel(jax.device_get(train.variables_of(state)), 4)
+  after_training = evaluate.evaluate(config, str(tmp_path), model)
   from_checkpoint = evaluate.evaluate(config, str(tmp_path))
   assert from_checkpoint == after_training
+  assert list(from_checkpoint['rows']) == ['stage 1']
   assert from_checkpoint['num_images'] == 4 + 3 * 2
   written = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
   assert written == from_checkpoint
 
   # Running the finished command again resumes at the end and trains no more.
-  again = train.train(config, str(tmp_path))
-  np.testing.assert_array_equal(
-      jax.tree.leaves(jax.device_get(again.params))[0], jax.tree.leaves(jax.device_get(state.params))[0])
+  again = train.train(config, str(tmp_path), 1)
+  np.testing.assert_array_equal(jax.tree.leaves(jax.device_get(again.params))[0],
+                                jax.tree.leaves(jax.device_get(state.params))[0])
 
 
 def test_evaluate_without_checkpoint_names_the_folder(cache_dir, tmp_path):
   config = make_config(overrides(cache_dir))
   with pytest.raises(FileNotFoundError, match=f'no stage-1 checkpoint in {tmp_path}'):
     evaluate.evaluate(config, str(tmp_path))
-  config.eval.step = 7
-  train.train(make_config(overrides(cache_dir, **{'train.num_steps': 2})), str(tmp_path))
+  config.eval.stage1_step = 7
+  train.train(make_config(overrides(cache_dir, **{'train.num_steps': 2})), str(tmp_path), 1)
   with pytest.raises(FileNotFoundError, match=r'no checkpoint for step 7 .*available steps: \[2\]'):
     evaluate.evaluate(config, str(tmp_path))
 
@@ -183,4 +203,4 @@ def test_evaluate_without_checkpoint_names_the_folder(cache_dir, tmp_path):
 def test_unknown_demo_category_is_a_clear_error(cache_dir, tmp_path):
   config = make_config(overrides(cache_dir, category='bottle'))
   with pytest.raises(ValueError, match="category 'bottle' is not in the built-in demo"):
-    train.train(config, str(tmp_path))
+    train.train(config, str(tmp_path), 1)

@@ -1,116 +1,125 @@
-"""Stage-1 evaluation: anomaly maps of the test split, image scores, MVTec metrics."""
+"""Evaluation on a category's test split: three maps, MVTec metrics, the report.
+
+Rows: 'stage 1' (the coarse map), 'stage 2' (the refined re-segmentation)
+and 'combined' (the final map), so a user sees what stage 2 adds. Every
+metric of a row comes from one set of test maps, computed once. Output in
+`<workdir>/eval/`: metrics.json, report.md, roc.png, pro.png, examples.png.
+"""
 
 import json
 import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh
 
-from twostage_jax import checkpoints as checkpoints_lib
+from twostage_jax import calibration
 from twostage_jax import data
+from twostage_jax import inference
 from twostage_jax import metrics
-from twostage_jax import parallel
-from twostage_jax import train
-from twostage_jax.models.segmentation import DATA_AXIS
+from twostage_jax import report
 
-Variables = dict[str, Any]
+_CURVE_POINTS = 1000  # plotted points per curve; the metrics use every point
 
 
-def load_variables(config: ml_collections.ConfigDict, workdir: str) -> tuple[Variables, int]:
-  """Params and batch statistics of the checkpoint at `config.eval.step` (-1: latest)."""
-  directory = train.checkpoint_dir(workdir)
-  checkpoints = checkpoints_lib.Checkpoints(directory, config.train, read_only=True)
-  step = checkpoints.latest_step() if config.eval.step < 0 else config.eval.step
-  if step is None:
-    raise FileNotFoundError(
-        f'no stage-1 checkpoint in {os.path.abspath(directory)}; train first '
-        '(--mode=train) or point --workdir at a trained run')
-  state = checkpoints.restore(step, train.abstract_train_state(config, parallel.make_mesh()))
-  checkpoints.close()
-  host = parallel.to_host({'params': state.params, 'batch_stats': state.batch_stats})
-  return host, step
-
-
-def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
-  """Image scores: max of the size x size mean-filtered maps (zeros outside)."""
-  window = (1, size, size)
-  summed = jax.lax.reduce_window(maps, 0.0, jax.lax.add, window, (1, 1, 1), 'SAME')
-  return (summed / (size * size)).max(axis=(1, 2))
-
-
-def predict(config: ml_collections.ConfigDict, variables: Variables,
-            images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Stage-1 anomaly maps (N, H, W) and image scores (N,) of uint8 images.
-
-  Batches are split over this process's devices; the last batch is padded.
-  """
-  model = train.create_model(config)
-  mesh = Mesh(np.array(jax.local_devices()), (DATA_AXIS,))
-  devices = mesh.devices.size
-  batch_size = -(-config.eval.batch_size // devices) * devices
-
-  @jax.jit
-  def infer(variables, batch):
-    maps = model.apply(variables, batch.astype(jnp.float32) / 255.0, train=False)
-    return maps, mean_filter_max(maps, config.eval.score_filter_size)
-
-  variables = jax.device_put(variables, parallel.replicated(mesh))
-  maps, scores = [], []
-  for start in range(0, len(images), batch_size):
-    batch = images[start:start + batch_size]
-    count = len(batch)
-    batch = np.concatenate([batch, np.zeros((batch_size - count,) + batch.shape[1:], batch.dtype)])
-    batch_maps, batch_scores = infer(
-        variables, jax.device_put(batch, parallel.batch_sharded(mesh)))
-    maps.append(np.asarray(batch_maps)[:count])
-    scores.append(np.asarray(batch_scores)[:count])
-  return np.concatenate(maps), np.concatenate(scores)
-
-
-def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             variables: Variables | None = None, step: int | None = None) -> dict[str, Any]:
-  """Scores the test split; writes `<workdir>/eval/metrics.json` and prints a table."""
-  if variables is None:
-    variables, step = load_variables(config, workdir)
-  test = data.load_test_set(data.resolve_data_dir(config), config.category, config.image_size)
-  logging.info('evaluating step %s on %d test images', step, len(test.images))
-  maps, scores = predict(config, variables, test.images)
-  results = {
-      'category': config.category,
-      'step': step,
-      'num_images': len(test.images),
-      'num_anomalous': int(test.labels.sum()),
+def row_metrics(maps: np.ndarray, scores: np.ndarray, test: data.TestSet,
+                max_fpr: float) -> dict[str, float]:
+  """The MVTec metric suite of one map kind over a test split."""
+  return {
       'pixel_auroc': metrics.auroc(maps, test.masks),
       'image_auroc': metrics.auroc(scores, test.labels),
-      'pixel_aupro': metrics.aupro(maps, test.masks),
+      'pixel_aupro': metrics.aupro(maps, test.masks, max_fpr),
       'pixel_ap': metrics.average_precision(maps, test.masks),
       'pixel_f1_max': metrics.f1_max(maps, test.masks)[0],
       'image_f1_max': metrics.f1_max(scores, test.labels)[0],
       'pixel_iou_max': metrics.iou_max(maps, test.masks)[0],
   }
+
+
+def _thin(curve: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """At most _CURVE_POINTS points of a monotone curve, ends kept, for plotting."""
+  x, y = curve
+  if len(x) <= _CURVE_POINTS:
+    return x, y
+  keep = np.unique(np.linspace(0, len(x) - 1, _CURVE_POINTS).astype(int))
+  return x[keep], y[keep]
+
+
+def _write_figures(out_dir: str, config: ml_collections.ConfigDict, test: data.TestSet,
+                   maps: dict[str, np.ndarray], scores: dict[str, np.ndarray],
+                   final: str, pixel_threshold: float, threshold_source: str
+                   ) -> dict[str, str]:
+  """roc.png, pro.png and examples.png; returns {title: file name}."""
+  category = config.category
+  max_fpr = config.eval.pro_max_fpr
+  report.plot_roc(
+      os.path.join(out_dir, 'roc.png'),
+      {k: _thin(metrics.roc_curve(v, test.masks)) for k, v in maps.items()},
+      {k: metrics.roc_curve(v, test.labels) for k, v in scores.items()},
+      title=f'{category}: ROC')
+  report.plot_pro(
+      os.path.join(out_dir, 'pro.png'),
+      {k: _thin(metrics.pro_curve(v, test.masks, max_fpr)) for k, v in maps.items()},
+      max_fpr, title=f'{category}: per-region overlap')
+  indices = np.concatenate(report.select_examples(
+      scores[final], test.labels, config.eval.num_examples))
+  report.plot_examples(
+      os.path.join(out_dir, 'examples.png'), test.images, test.masks, maps[final],
+      scores[final], test.labels, list(test.paths), indices, pixel_threshold,
+      title=f'{category}: worst and best test images ({final} map; pixel threshold '
+            f'{pixel_threshold:.3g} from {threshold_source})')
+  return {'ROC curves': 'roc.png', 'PRO curves': 'pro.png', 'Test images': 'examples.png'}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             model: inference.TrainedModel | None = None) -> dict[str, Any]:
+  """Scores the test split; writes `<workdir>/eval/` and prints a table.
+
+  Args:
+    config: the run's config.
+    workdir: the run's folder; its checkpoints are loaded unless `model`
+      is given.
+    model: trained variables to evaluate instead of the checkpoints.
+
+  Returns:
+    The category's results: steps, image counts, a metrics row per map and
+    the held-out thresholds (None when nothing was held out).
+  """
+  if model is None:
+    model = inference.load_model(config, workdir)
+  test = data.load_test_set(data.resolve_data_dir(config), config.category, config.image_size)
+  logging.info('evaluating %s (stage 1 step %s, stage 2 step %s) on %d test images',
+               config.category, model.stage1_step, model.stage2_step, len(test.images))
+  maps = inference.anomaly_maps(config, model, test.images)
+  scores = inference.image_scores(config, maps)
+  thresholds = None
+  if config.calibration.holdout_fraction > 0:
+    thresholds = calibration.ensure_thresholds(config, workdir, model)
+  results = {
+      'category': config.category,
+      **model.steps,
+      'num_images': len(test.images),
+      'num_anomalous': int(test.labels.sum()),
+      'final_map': model.final_map,
+      'rows': {k: row_metrics(maps[k], scores[k], test, config.eval.pro_max_fpr)
+               for k in maps},
+      'thresholds': thresholds,
+  }
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, 'eval')
     os.makedirs(out_dir, exist_ok=True)
+    if thresholds is not None:
+      pixel_threshold, source = thresholds['pixel'], 'held-out normal images'
+    else:
+      pixel_threshold = metrics.f1_max(maps[model.final_map], test.masks)[1]
+      source = 'the best pixel F1 on the test set'
+    figures = _write_figures(out_dir, config, test, maps, scores, model.final_map,
+                             pixel_threshold, source)
     with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
       json.dump(results, f, indent=2)
-  print(format_table(results), flush=True)
+    with open(os.path.join(out_dir, 'report.md'), 'w') as f:
+      f.write(report.markdown_report([results], f'Evaluation: {config.category}', figures))
+  print(report.format_table([results]), flush=True)
   return results
-
-
-_COLUMNS = (('pixel_auroc', 'pixel AUROC'), ('image_auroc', 'image AUROC'),
-            ('pixel_aupro', 'AUPRO@0.3'), ('pixel_ap', 'pixel AP'),
-            ('pixel_f1_max', 'pixel F1'), ('image_f1_max', 'image F1'),
-            ('pixel_iou_max', 'IoU'))
-
-
-def format_table(results: dict[str, Any]) -> str:
-  header = f'{"category":<12}{"step":>7}{"images":>7}' + ''.join(
-      f'{title:>13}' for _, title in _COLUMNS)
-  row = f'{results["category"]:<12}{results["step"]:>7}{results["num_images"]:>7}' + ''.join(
-      f'{results[key]:>13.4f}' for key, _ in _COLUMNS)
-  return '\n'.join([header, '-' * len(header), row])

@@ -131,22 +131,56 @@ def iou_max(maps: np.ndarray, masks: np.ndarray) -> tuple[float, float]:
   return float(iou[best]), float(thresholds[best])
 
 
-def aupro(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3) -> float:
-  """Normalised area under the per-region-overlap curve up to max_fpr.
+def roc_curve(scores: np.ndarray, labels: np.ndarray,
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """ROC curve points (FPR, TPR), one per distinct score, from (0, 0) to (1, 1).
+
+  Tied scores form one point, so the trapezoidal area under the curve counts
+  them half and equals `auroc`.
+
+  Args:
+    scores: anomaly scores of any shape; higher means more anomalous.
+    labels: same shape, truthy for anomalous.
+
+  Returns:
+    (fpr, tpr), each of length (number of distinct scores + 1).
+
+  Raises:
+    ValueError: on mismatched shapes or if the labels hold only one class.
+  """
+  scores, labels = _paired(scores, labels)
+  positives = int(labels.sum())
+  negatives = labels.size - positives
+  if positives == 0 or negatives == 0:
+    raise ValueError('ROC curve needs both normal and anomalous samples; '
+                     f'got {positives} anomalous and {negatives} normal')
+  _, (tp, fp) = _cumulative_at_thresholds(
+      scores, labels.astype(np.int64), (~labels).astype(np.int64))
+  fpr = np.concatenate([[0], fp]) / negatives
+  tpr = np.concatenate([[0], tp]) / positives
+  return fpr, tpr
+
+
+def pro_curve(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3,
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-region-overlap curve (FPR, PRO) from FPR 0 up to exactly max_fpr.
 
   Unlike pixel AUROC, every connected defect counts equally however small
   (Bergmann et al., MVTec AD). Regions are 8-connected components of each
   image's mask, as in the MVTec AD reference evaluation; they never span
   images. For each threshold t, PRO is the mean over all regions of the
   share of the region with map >= t, and FPR the share of all normal pixels
-  (pooled) with map >= t. PRO is integrated over FPR in [0, max_fpr] by the
-  trapezoidal rule, interpolating PRO at exactly max_fpr, and divided by
-  max_fpr so that a perfect map scores 1.
+  (pooled) with map >= t. The curve starts at (0, 0) and its last point is
+  PRO interpolated linearly at exactly max_fpr, so that its trapezoidal area
+  is the one `aupro` normalises.
 
   Args:
     maps: anomaly maps, (H, W) or (N, H, W); higher means more anomalous.
     masks: same shape, truthy on anomalous pixels.
     max_fpr: upper end of the FPR range, in (0, 1].
+
+  Returns:
+    (fpr, pro), both non-decreasing, fpr ending at max_fpr.
 
   Raises:
     ValueError: on mismatched or non-image shapes, max_fpr outside (0, 1],
@@ -191,4 +225,23 @@ def aupro(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3) -> float:
     share = (max_fpr - fpr[lo]) / (fpr[hi] - fpr[lo])
     pro_end = np.append(pro_end, pro[lo] + share * (pro[hi] - pro[lo]))
     fpr_end = np.append(fpr_end, max_fpr)
-  return float(np.trapezoid(pro_end, fpr_end) / max_fpr)
+  return fpr_end, pro_end
+
+
+def aupro(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3) -> float:
+  """Normalised area under the per-region-overlap curve up to max_fpr.
+
+  The trapezoidal area under `pro_curve` divided by max_fpr, so that a
+  perfect map scores 1; see `pro_curve` for how regions and FPR are counted.
+
+  Args:
+    maps: anomaly maps, (H, W) or (N, H, W); higher means more anomalous.
+    masks: same shape, truthy on anomalous pixels.
+    max_fpr: upper end of the FPR range, in (0, 1].
+
+  Raises:
+    ValueError: on mismatched or non-image shapes, max_fpr outside (0, 1],
+      or masks with no anomalous region or no normal pixel.
+  """
+  fpr, pro = pro_curve(maps, masks, max_fpr)
+  return float(np.trapezoid(pro, fpr) / max_fpr)

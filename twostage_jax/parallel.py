@@ -75,6 +75,17 @@ def data_parallel(step: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
   return jax.jit(mapped, donate_argnums=0)
 
 
+def per_shard(fn: Callable[[Any, Any], Any], mesh: Mesh) -> Callable[[Any, Any], Any]:
+  """Runs `fn(replicated, batch) -> batched` on each device's share of the batch.
+
+  For per-sample work with no communication between devices (inference,
+  stage 2's refinement): every device computes its own rows.
+  """
+  mapped = jax.shard_map(
+      fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS))
+  return jax.jit(mapped)
+
+
 def to_host(tree: Any) -> Any:
   """NumPy copies of (possibly multi-process) replicated arrays."""
   if jax.process_count() > 1:

@@ -18,9 +18,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-# (image float32 HxWx3, rng) -> (image float32 HxWx3, mask float32 HxW)
-Synthesizer = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
-SynthesizerFactory = Callable[[], Synthesizer]
+# (normal image float32 HxWx3 in [0, 1], rng) -> named arrays of one sample,
+# e.g. {'image': HxWx3, 'mask': HxW}; every sample has the same names.
+Sampler = Callable[[np.ndarray, np.random.Generator], dict[str, np.ndarray]]
+SamplerFactory = Callable[[], Sampler]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,49 +49,46 @@ def _epoch_order(seed: int, epoch: int, num_images: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_images)
 
 
-def build_batch(images: np.ndarray, synthesize: Synthesizer, plan: BatchPlan,
+def build_batch(images: np.ndarray, sample: Sampler, plan: BatchPlan,
                 step: int) -> dict[str, np.ndarray]:
-  """This process's slice of global batch `step`: pseudo-anomalous images and masks."""
-  pairs = []
+  """This process's slice of global batch `step`, each named array stacked."""
+  samples = []
   for epoch, index in plan.samples(step):
     rng = np.random.default_rng([plan.seed, epoch, index])
-    pairs.append(synthesize(images[index].astype(np.float32) / 255.0, rng))
-  return {
-      'image': np.stack([p[0] for p in pairs]).astype(np.float32),
-      'mask': np.stack([p[1] for p in pairs]).astype(np.float32),
-  }
+    samples.append(sample(images[index].astype(np.float32) / 255.0, rng))
+  return {name: np.stack([s[name] for s in samples]) for name in samples[0]}
 
 
 _worker_state: dict = {}
 
 
-def _init_worker(images: np.ndarray, make_synthesizer: SynthesizerFactory,
+def _init_worker(images: np.ndarray, make_sampler: SamplerFactory,
                  plan: BatchPlan) -> None:
-  _worker_state.update(images=images, synthesize=make_synthesizer(), plan=plan)
+  _worker_state.update(images=images, sample=make_sampler(), plan=plan)
 
 
 def _worker_batch(step: int) -> dict[str, np.ndarray]:
   s = _worker_state
-  return build_batch(s['images'], s['synthesize'], s['plan'], step)
+  return build_batch(s['images'], s['sample'], s['plan'], step)
 
 
-def batches(images: np.ndarray, make_synthesizer: SynthesizerFactory,
+def batches(images: np.ndarray, make_sampler: SamplerFactory,
             plan: BatchPlan, start_step: int, num_steps: int, num_workers: int,
             prefetch: int) -> Iterator[dict[str, np.ndarray]]:
   """Yields this process's batch slices for steps start_step..num_steps-1.
 
   With `num_workers` > 0 a pool of spawned processes builds up to `prefetch`
-  batches ahead of the consumer; `make_synthesizer` must be picklable and is
+  batches ahead of the consumer; `make_sampler` must be picklable and is
   called once in each worker.
   """
   steps = range(start_step, num_steps)
   if num_workers == 0:
-    synthesize = make_synthesizer()
+    sample = make_sampler()
     for step in steps:
-      yield build_batch(images, synthesize, plan, step)
+      yield build_batch(images, sample, plan, step)
     return
   context = multiprocessing.get_context('spawn')
-  with context.Pool(num_workers, _init_worker, (images, make_synthesizer, plan)) as pool:
+  with context.Pool(num_workers, _init_worker, (images, make_sampler, plan)) as pool:
     pending = collections.deque()
     queued = iter(steps)
     for step in queued:

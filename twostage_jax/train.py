@@ -1,4 +1,10 @@
-"""Stage-1 training: TrainState, the pure train step and the training loop."""
+"""Training of both stages: TrainState, the pure train step, the loop, restoring.
+
+Stage 1 learns the pseudo-anomaly masks from the images. Stage 2 is the same
+network and the same step, trained on stage 1's refined input (refine.py)
+with stage 1 frozen; each stage keeps its own checkpoints under
+`<workdir>/checkpoints/stage<n>`, so either can resume on its own.
+"""
 
 import functools
 import json
@@ -19,6 +25,7 @@ from twostage_jax import data
 from twostage_jax import losses
 from twostage_jax import parallel
 from twostage_jax import pipeline
+from twostage_jax import refine
 from twostage_jax import synthesis
 from twostage_jax.models import SegmentationNet
 from twostage_jax.models.segmentation import DATA_AXIS
@@ -51,6 +58,23 @@ def prng_key(seed: int) -> jax.Array:
   a fraction of that. Their streams are deterministic for a given backend.
   """
   return jax.random.key(seed, impl='rbg')
+
+
+STAGES = (1, 2)
+_STAGE_CHOICES = {'both': (1, 2), '1': (1,), '2': (2,)}
+
+
+def stages_to_train(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The stages `config.stage` asks for: 'both' (1 then 2), '1' or '2'."""
+  if config.stage not in _STAGE_CHOICES:
+    raise ValueError(f'config.stage = {config.stage!r} must be one of '
+                     f'{", ".join(map(repr, _STAGE_CHOICES))}')
+  return _STAGE_CHOICES[config.stage]
+
+
+def loss_config(config: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
+  """Stage 1's objective is `loss` (SSIM + L2); stage 2's is `stage2.loss`."""
+  return config.loss if stage == 1 else config.stage2.loss
 
 
 def create_train_state(config: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
@@ -100,12 +124,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
   return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
-def make_synthesizer_factory(config: ml_collections.ConfigDict) -> pipeline.SynthesizerFactory:
-  """A picklable factory of the pseudo-anomaly synthesizer for the workers."""
+def make_sampler_factory(config: ml_collections.ConfigDict, stage: int) -> pipeline.SamplerFactory:
+  """A picklable factory of the workers' training sampler for `stage`."""
   sources = synthesis.load_anomaly_sources(config.anomaly_source_dir, config.image_size)
   slic_dir = os.path.join(data.default_cache_dir(config.cache_dir), 'slic')
   return functools.partial(
-      synthesis.PseudoAnomalySynthesizer, sources, config.synthesis, slic_dir)
+      synthesis.TrainingSampler, sources, config.synthesis, slic_dir,
+      config.refine if stage == 2 else None)
 
 
 class _Progress:
@@ -115,8 +140,10 @@ class _Progress:
   its duration instead of a throughput.
   """
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict, start_step: int):
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, stage: int,
+               start_step: int):
     self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._stage = stage
     self._schedule = learning_rate_schedule(config.train)
     self._num_steps = config.train.num_steps
     self._batch = config.train.global_batch_size
@@ -130,9 +157,10 @@ class _Progress:
     elapsed = now - self._last_time
     steps_per_s = (step - self._last_step) / max(elapsed, 1e-9)
     self._last_step, self._last_time = step, now
-    record.update(step=step, learning_rate=float(self._schedule(step - 1)), time=time.time())
-    message = 'step %d/%d  loss %.4f  (l2 %.4f, ssim %.4f)' % (
-        step, self._num_steps, record['loss'], record['l2'], record['ssim'])
+    record.update(stage=self._stage, step=step, learning_rate=float(self._schedule(step - 1)),
+                  time=time.time())
+    message = 'stage %d step %d/%d  loss %.4f  (l2 %.4f, ssim %.4f)' % (
+        self._stage, step, self._num_steps, record['loss'], record['l2'], record['ssim'])
     if first:
       message += '  compiled and ran in %.1f s' % elapsed
     else:
@@ -146,28 +174,82 @@ class _Progress:
         f.write(json.dumps(record) + '\n')
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, 'checkpoints', 'stage1')
+def checkpoint_dir(workdir: str, stage: int) -> str:
+  return os.path.join(workdir, 'checkpoints', f'stage{stage}')
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains stage 1 on every device of every process; resumes from `workdir`."""
+def restore_state(config: ml_collections.ConfigDict, workdir: str, stage: int,
+                  mesh: jax.sharding.Mesh, step: int = -1) -> tuple[TrainState, int]:
+  """The state of `stage` at `step` (-1: the latest), replicated over `mesh`.
+
+  Raises:
+    FileNotFoundError: naming the folder searched, if there is no checkpoint.
+  """
+  checkpoints = checkpoints_lib.Checkpoints(
+      checkpoint_dir(workdir, stage), config.train, read_only=True)
+  try:
+    step = checkpoints.latest_step() if step < 0 else step
+    if step is None:
+      raise FileNotFoundError(
+          f'no stage-{stage} checkpoint in {checkpoints.directory} (workdir '
+          f'{os.path.abspath(workdir)}); train it first (--mode=train) or point '
+          '--workdir at a trained run')
+    return checkpoints.restore(step, abstract_train_state(config, mesh)), step
+  finally:
+    checkpoints.close()
+
+
+def variables_of(state: TrainState) -> dict[str, Any]:
+  """What inference needs of a state: params and BatchNorm statistics."""
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def training_images(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """uint8 (training, held-out) normal images of the configured category.
+
+  The held-out share (`calibration.holdout_fraction`) never reaches training;
+  it calibrates the decision thresholds.
+  """
+  images = data.load_train_images(
+      data.resolve_data_dir(config), config.category, config.image_size)
+  kept, held_out = data.split_holdout(
+      len(images), config.calibration.holdout_fraction, config.seed)
+  return images[kept], images[held_out]
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, stage: int) -> TrainState:
+  """Trains `stage` on every device of every process; resumes from `workdir`.
+
+  Stage 2 needs stage 1's latest checkpoint in the same workdir.
+  """
+  if stage not in STAGES:
+    raise ValueError(f'stage must be one of {STAGES}, got {stage}')
   mesh = parallel.make_mesh()
   local_batch = parallel.local_batch_size(config.train.global_batch_size)
-  data_dir = data.resolve_data_dir(config)
-  images = data.load_train_images(data_dir, config.category, config.image_size)
-  logging.info('training on %d images of %s/%s at %dx%d; anomaly sources: %s',
-               len(images), data_dir, config.category, config.image_size,
-               config.image_size, synthesis.describe_sources(config.anomaly_source_dir))
+  images, held_out = training_images(config)
+  logging.info('stage %d: training on %d images of %s/%s at %dx%d (%d held out for '
+               'thresholds); anomaly sources: %s', stage, len(images),
+               data.resolve_data_dir(config), config.category, config.image_size,
+               config.image_size, len(held_out),
+               synthesis.describe_sources(config.anomaly_source_dir))
 
-  checkpoints = checkpoints_lib.Checkpoints(checkpoint_dir(workdir), config.train)
+  stage1_variables = None
+  if stage == 2:
+    stage1, stage1_step = restore_state(config, workdir, 1, mesh)
+    logging.info('stage 2 refines the frozen stage 1 of step %d', stage1_step)
+    stage1_variables = variables_of(stage1)
+    to_stage2 = parallel.per_shard(
+        functools.partial(refine.stage2_batch, create_model(config).apply,
+                          config=config.refine), mesh)
+
+  checkpoints = checkpoints_lib.Checkpoints(checkpoint_dir(workdir, stage), config.train)
   start_step = checkpoints.latest_step() or 0
   if start_step:
     state = checkpoints.restore(start_step, abstract_train_state(config, mesh))
-    logging.info('resumed from the checkpoint at step %d', start_step)
+    logging.info('stage %d resumed from the checkpoint at step %d', stage, start_step)
   else:
-    state = jax.device_put(
-        create_train_state(config, prng_key(config.seed)), parallel.replicated(mesh))
+    key = jax.random.fold_in(prng_key(config.seed), stage)
+    state = jax.device_put(create_train_state(config, key), parallel.replicated(mesh))
   if start_step >= config.train.num_steps:
     checkpoints.close()
     return state
@@ -177,17 +259,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       global_batch_size=config.train.global_batch_size,
       local_batch_size=local_batch,
       process_index=jax.process_index(),
-      seed=config.seed)
+      seed=config.seed)  # both stages see the same pseudo-anomaly stream
   host_batches = pipeline.batches(
-      images, make_synthesizer_factory(config), plan, start_step,
+      images, make_sampler_factory(config, stage), plan, start_step,
       config.train.num_steps, config.train.num_workers, config.train.prefetch_batches)
   step_fn = parallel.data_parallel(
-      functools.partial(train_step, loss_config=config.loss), mesh)
-  step_key = prng_key(config.seed + 1)
-  progress = _Progress(workdir, config, start_step)
+      functools.partial(train_step, loss_config=loss_config(config, stage)), mesh)
+  step_key = jax.random.fold_in(prng_key(config.seed + 1), stage)
+  progress = _Progress(workdir, config, stage, start_step)
 
   for step, host_batch in enumerate(host_batches, start=start_step):
     batch = parallel.to_global_batch(host_batch, mesh)
+    if stage1_variables is not None:
+      batch = to_stage2(stage1_variables, batch)
     state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, step))
     done = step + 1
     if step == start_step or done % config.train.log_every == 0 or done == config.train.num_steps:

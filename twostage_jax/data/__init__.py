@@ -4,6 +4,9 @@ from twostage_jax.data.cache import default_cache_dir
 from twostage_jax.data.demo import DEMO_CATEGORIES
 from twostage_jax.data.demo import ensure_demo_dataset
 from twostage_jax.data.errors import DatasetError
+from twostage_jax.data.folder import FolderImages
+from twostage_jax.data.folder import load_image_folder
+from twostage_jax.data.holdout import split_holdout
 from twostage_jax.data.images import image_size_of
 from twostage_jax.data.images import read_mask
 from twostage_jax.data.images import read_rgb
@@ -14,7 +17,8 @@ from twostage_jax.data.mvtec import TestSet
 from twostage_jax.data.resolve import resolve_data_dir
 
 __all__ = [
-    'DEMO_CATEGORIES', 'DatasetError', 'TestSet', 'default_cache_dir', 'ensure_demo_dataset',
-    'image_size_of', 'list_categories', 'load_test_set', 'load_train_images', 'read_mask',
-    'read_rgb', 'resolve_data_dir',
+    'DEMO_CATEGORIES', 'DatasetError', 'FolderImages', 'TestSet', 'default_cache_dir',
+    'ensure_demo_dataset', 'image_size_of', 'list_categories', 'load_image_folder',
+    'load_test_set', 'load_train_images', 'read_mask', 'read_rgb', 'resolve_data_dir',
+    'split_holdout',
 ]

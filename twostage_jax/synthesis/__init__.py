@@ -5,19 +5,23 @@ from twostage_jax.synthesis.augment import random_augment
 from twostage_jax.synthesis.perlin import perlin_mask
 from twostage_jax.synthesis.perlin import perlin_noise
 from twostage_jax.synthesis.pseudo_anomaly import PseudoAnomalySynthesizer
+from twostage_jax.synthesis.samples import TrainingSampler
 from twostage_jax.synthesis.sources import describe_sources
 from twostage_jax.synthesis.sources import load_anomaly_sources
 from twostage_jax.synthesis.superpixel import SlicCache
+from twostage_jax.synthesis.superpixel import slic_labels
 from twostage_jax.synthesis.superpixel import superpixel_mask
 
 __all__ = [
     'AUGMENTERS',
     'PseudoAnomalySynthesizer',
     'SlicCache',
+    'TrainingSampler',
     'describe_sources',
     'load_anomaly_sources',
     'perlin_mask',
     'perlin_noise',
     'random_augment',
+    'slic_labels',
     'superpixel_mask',
 ]

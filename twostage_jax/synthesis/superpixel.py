@@ -1,4 +1,9 @@
-"""SAIM's superpixel masks: cached SLIC labels of a source, random segments."""
+"""SLIC superpixels on the host.
+
+Two users: SAIM pseudo-anomalies (cached labels of anomaly sources, random
+segments of them) and the stage-2 refinement (labels of each input image,
+whose superpixels stage 1's map selects).
+"""
 
 import hashlib
 import os
@@ -6,6 +11,23 @@ import tempfile
 
 import numpy as np
 from skimage import segmentation
+
+
+def slic_labels(image: np.ndarray, n_segments: int, compactness: float,
+                sigma: float) -> np.ndarray:
+  """int32 (H, W) SLIC segment ids (from 0) of an RGB image.
+
+  Args:
+    image: (H, W, 3) uint8, or float in [0, 1]; both give the same segments
+      up to the uint8 rounding.
+    n_segments: approximate number of superpixels.
+    compactness: SLIC's colour/space trade-off (higher: squarer segments).
+    sigma: Gaussian pre-smoothing of the image.
+  """
+  labels = segmentation.slic(
+      image, n_segments=n_segments, compactness=compactness, sigma=sigma,
+      start_label=0, channel_axis=-1)
+  return labels.astype(np.int32)
 
 
 class SlicCache:
@@ -33,12 +55,6 @@ class SlicCache:
     shape = 'x'.join(str(d) for d in source.shape)
     return (f'slic_{digest}_n{n_segments}_{shape}_'
             f'c{self._compactness:g}_s{self._sigma:g}')
-
-  def _compute(self, source: np.ndarray, n_segments: int) -> np.ndarray:
-    labels = segmentation.slic(
-        source, n_segments=n_segments, compactness=self._compactness,
-        sigma=self._sigma, start_label=0, channel_axis=-1)
-    return labels.astype(np.int32)
 
   def _read(self, path: str) -> np.ndarray | None:
     try:
@@ -68,7 +84,7 @@ class SlicCache:
     if path and os.path.exists(path):
       labels = self._read(path)
     if labels is None:
-      labels = self._compute(source, n_segments)
+      labels = slic_labels(source, n_segments, self._compactness, self._sigma)
       if path:
         self._write(path, labels)
     self._labels[key] = labels

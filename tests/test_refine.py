@@ -1,0 +1,115 @@
+"""Stage-2 refinement against SciPy/NumPy references and hand-built cases."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from configs import mvtec
+from twostage_jax import refine
+
+
+def refine_config(**overrides):
+  config = mvtec.get_config().refine
+  config.update(overrides)
+  return config
+
+
+def reference_region(maps, labels, config):
+  """The refinement written plainly: SciPy median, a loop over superpixels."""
+  out = np.zeros(maps.shape, bool)
+  for i, (m, lab) in enumerate(zip(maps, labels)):
+    limit = config.threshold * (m.max() if config.threshold_rule == 'relative' else 1.0)
+    flags = scipy.ndimage.median_filter((m >= limit).astype(np.uint8), config.median_size,
+                                        mode='nearest').astype(bool)
+    for segment in np.unique(lab):
+      if flags[lab == segment].any():
+        out[i][lab == segment] = True
+  return out
+
+
+@pytest.mark.parametrize('size', [3, 5])
+def test_binary_median_equals_scipy_median_with_replicated_edges(size):
+  flags = np.random.default_rng(size).random((3, 17, 23)) < 0.4
+  expected = scipy.ndimage.median_filter(flags.astype(np.uint8), size=(1, size, size),
+                                         mode='nearest')
+  np.testing.assert_array_equal(refine.binary_median(jnp.asarray(flags), size), expected == 1)
+
+
+@pytest.mark.parametrize('rule', ['absolute', 'relative'])
+def test_region_equals_the_plain_reference(rule):
+  rng = np.random.default_rng(0)
+  maps = scipy.ndimage.gaussian_filter(rng.random((4, 32, 32)), (0, 2, 2)) * 2 - 0.4
+  blocks = rng.permutation(64).reshape(8, 8)  # 64 square superpixels, shuffled ids
+  labels = np.stack([np.kron(np.roll(blocks, i), np.ones((4, 4), int)) for i in range(4)])
+  config = refine_config(threshold_rule=rule, threshold=0.6)
+  got = refine.region(jnp.asarray(maps, jnp.float32), jnp.asarray(labels, jnp.int32), config)
+  expected = reference_region(maps.astype(np.float32), labels, config)
+  assert 0 < expected.sum() < expected.size  # a case where the selection matters
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_isolated_pixel_is_dropped_and_a_blob_selects_every_superpixel_it_touches():
+  labels = np.kron(np.arange(16).reshape(4, 4), np.ones((8, 8), int))[None]  # 8x8 tiles
+  maps = np.zeros((1, 32, 32), np.float32)
+  maps[0, 3, 28] = 1.0  # one stray pixel in tile 3
+  maps[0, 14:18, 14:18] = 1.0  # a 4x4 blob on the corner of tiles 5, 6, 9, 10
+  selected = np.asarray(refine.region(jnp.asarray(maps), jnp.asarray(labels, jnp.int32),
+                                      refine_config()))
+  expected = np.isin(labels, [5, 6, 9, 10])
+  np.testing.assert_array_equal(selected, expected)
+
+
+def test_nothing_flagged_gives_an_all_zero_stage2_input():
+  images = jnp.ones((2, 8, 8, 3))
+  labels = jnp.zeros((2, 8, 8), jnp.int32)
+  selected = refine.region(jnp.full((2, 8, 8), 0.2), labels, refine_config())
+  assert not np.asarray(selected).any()
+  assert not np.asarray(refine.masked_input(images, selected)).any()
+
+
+def test_masked_input_keeps_the_image_inside_the_region_only():
+  images = jax.random.uniform(jax.random.key(0), (1, 6, 6, 3))
+  selected = jnp.zeros((1, 6, 6), bool).at[0, 1:3, 2:5].set(True)
+  out = np.array(refine.masked_input(images, selected))
+  np.testing.assert_array_equal(out[0, 1:3, 2:5], np.asarray(images)[0, 1:3, 2:5])
+  out[0, 1:3, 2:5] = 0
+  assert not out.any()
+
+
+@pytest.mark.parametrize('rule,expected', [('sum', [1.0, 0.5]), ('mean', [0.5, 0.25]),
+                                           ('max', [0.75, 0.5]), ('stage2', [0.25, 0.5])])
+def test_combine_rules(rule, expected):
+  stage1, stage2 = jnp.array([0.75, 0.0]), jnp.array([0.25, 0.5])
+  np.testing.assert_allclose(refine.combine(stage1, stage2, rule), expected)
+
+
+def test_unknown_rules_are_named():
+  with pytest.raises(ValueError, match="unknown refine.combine 'product'"):
+    refine.combine(jnp.zeros(2), jnp.zeros(2), 'product')
+  with pytest.raises(ValueError, match="unknown refine.threshold_rule 'otsu'"):
+    refine.threshold(jnp.zeros((1, 2, 2)), refine_config(threshold_rule='otsu'))
+
+
+def test_stage2_batch_uses_frozen_stage1_and_keeps_the_target():
+  """A stand-in stage 1 that flags bright pixels; no gradient reaches its variables."""
+  def stage1_apply(variables, images, train):
+    assert train is False  # inference mode: BatchNorm running statistics
+    return images.mean(-1) * variables['gain']
+
+  images = jnp.zeros((1, 16, 16, 3)).at[0, 4:8, 4:8].set(1.0).at[0, 12:, 12:].set(0.3)
+  labels = jnp.asarray(np.kron(np.arange(4).reshape(2, 2), np.ones((8, 8), int))[None],
+                       jnp.int32)
+  batch = {'image': images, 'mask': jnp.ones((1, 16, 16)), 'labels': labels}
+  config = ml_collections.ConfigDict(refine_config())
+
+  out = refine.stage2_batch(stage1_apply, {'gain': 1.0}, batch, config)
+  expected = np.zeros((1, 16, 16, 3), np.float32)
+  expected[0, :8, :8] = np.asarray(images)[0, :8, :8]  # only tile 0 holds the bright blob
+  np.testing.assert_array_equal(out['image'], expected)
+  np.testing.assert_array_equal(out['mask'], batch['mask'])
+  grad = jax.grad(lambda v: refine.stage2_batch(stage1_apply, v, batch, config)['image'].sum())(
+      {'gain': 1.0})
+  assert grad['gain'] == 0.0

@@ -1,0 +1,232 @@
+"""Stage 2, the three-row evaluation, thresholds and prediction on one tiny trained run."""
+
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import main
+from configs import demo
+from twostage_jax import calibration
+from twostage_jax import data
+from twostage_jax import evaluate
+from twostage_jax import inference
+from twostage_jax import predict
+from twostage_jax import train
+
+ROWS = ['stage 1', 'stage 2', 'combined']
+
+
+def tiny_config(cache_dir, **extra):
+  config = demo.get_config()
+  config.update_from_flattened_dict({
+      'cache_dir': str(cache_dir),
+      'image_size': 32,
+      'model.width': 4,
+      'demo.num_train': 20,
+      'demo.num_test_good': 4,
+      'demo.num_test_per_defect': 2,
+      'train.num_workers': 0,
+      'train.num_steps': 4,
+      'train.log_every': 1,
+      'train.checkpoint_every': 2,
+      'eval.batch_size': 8,
+      'eval.num_examples': 2,
+      # A low bar so that stage 1 flags superpixels after only 4 steps.
+      'refine.threshold_rule': 'relative',
+      **extra,
+  })
+  return config
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """(config, workdir, results) of a run that trained both stages and evaluated."""
+  cache_dir = tmp_path_factory.mktemp('cache')
+  workdir = str(tmp_path_factory.mktemp('run'))
+  config = tiny_config(cache_dir)
+  for stage in (1, 2):
+    train.train(config, workdir, stage)
+  results = evaluate.evaluate(config, workdir)
+  return config, workdir, results
+
+
+def test_stage2_trains_on_l2_alone_with_its_own_checkpoints(trained):
+  _, workdir, _ = trained
+  assert sorted(os.listdir(train.checkpoint_dir(workdir, 1))) == ['2', '4']
+  assert sorted(os.listdir(train.checkpoint_dir(workdir, 2))) == ['2', '4']
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['stage'] for r in records] == [1] * 4 + [2] * 4
+  for record in records:
+    if record['stage'] == 2:  # stage2.loss: l2_weight 1, ssim_weight 0
+      assert record['loss'] == pytest.approx(record['l2'], rel=1e-6)
+    else:
+      assert record['loss'] == pytest.approx(record['l2'] + 1 - record['ssim'], rel=1e-5)
+
+
+def test_stage2_alone_needs_stage1_and_names_the_workdir(trained, tmp_path):
+  config = trained[0].copy_and_resolve_references()
+  config.stage = '2'
+  assert train.stages_to_train(config) == (2,)
+  with pytest.raises(FileNotFoundError, match=f'no stage-1 checkpoint .*workdir {tmp_path}'):
+    train.train(config, str(tmp_path), 2)
+
+
+def test_evaluation_reports_three_rows_and_writes_the_report(trained):
+  _, workdir, results = trained
+  assert list(results['rows']) == ROWS
+  assert results['stage1_step'] == results['stage2_step'] == 4
+  assert results['num_images'] == 4 + 3 * 2
+  for row in results['rows'].values():
+    assert set(row) == {'pixel_auroc', 'image_auroc', 'pixel_aupro', 'pixel_ap',
+                        'pixel_f1_max', 'image_f1_max', 'pixel_iou_max'}
+    assert all(0 <= v <= 1 for v in row.values())
+  out = os.path.join(workdir, 'eval')
+  assert json.load(open(os.path.join(out, 'metrics.json'))) == results
+  report_md = open(os.path.join(out, 'report.md')).read()
+  table = report_md.split('## Metrics')[1].split('\n## ')[0].splitlines()
+  assert [line.split(' | ')[1] for line in table if line.startswith('| weave |')] == ROWS
+  for name in ('roc.png', 'pro.png', 'examples.png'):
+    assert f']({name})' in report_md
+    with Image.open(os.path.join(out, name)) as image:
+      assert image.size[0] > 200 and image.size[1] > 200
+
+
+def test_combined_map_is_the_sum_of_the_stage_maps(trained):
+  config, workdir, _ = trained
+  model = inference.load_model(config, workdir)
+  test = data.load_test_set(data.resolve_data_dir(config), config.category, config.image_size)
+  maps = inference.anomaly_maps(config, model, test.images)
+  assert list(maps) == ROWS
+  np.testing.assert_allclose(maps['combined'], maps['stage 1'] + maps['stage 2'], atol=1e-6)
+  scores = inference.image_scores(config, maps)
+  assert set(scores) == set(ROWS) and all(s.shape == (len(test.images),) for s in scores.values())
+
+
+def test_metrics_are_those_of_the_maps(trained):
+  config, workdir, results = trained
+  model = inference.load_model(config, workdir)
+  test = data.load_test_set(data.resolve_data_dir(config), config.category, config.image_size)
+  maps = inference.anomaly_maps(config, model, test.images)
+  scores = inference.image_scores(config, maps)
+  for row in ROWS:
+    expected = evaluate.row_metrics(maps[row], scores[row], test, 0.3)
+    assert results['rows'][row] == pytest.approx(expected)
+
+
+def test_thresholds_are_quantiles_of_the_held_out_normal_images(trained):
+  config, workdir, results = trained
+  stored = json.load(open(calibration.thresholds_path(workdir)))
+  assert stored == results['thresholds']
+  assert stored['num_holdout_images'] == 2  # 10% of 20 training images
+  _, held_out = train.training_images(config)
+  model = inference.load_model(config, workdir)
+  maps = inference.anomaly_maps(config, model, held_out)
+  scores = inference.image_scores(config, maps)
+  assert stored['image'] == pytest.approx(np.quantile(scores['combined'], 0.99), rel=1e-6)
+  assert stored['pixel'] == pytest.approx(np.quantile(maps['combined'], 0.999), rel=1e-6)
+
+  changed = config.copy_and_resolve_references()
+  changed.calibration.pixel_quantile = 0.5
+  again = calibration.ensure_thresholds(changed, workdir, model)
+  assert again['pixel'] == pytest.approx(np.quantile(maps['combined'], 0.5), rel=1e-6)
+  calibration.ensure_thresholds(config, workdir, model)  # restores the stored ones
+
+
+def test_holdout_split_is_fixed_disjoint_and_checked():
+  kept, held = data.split_holdout(20, 0.1, seed=3)
+  assert len(held) == 2 and len(kept) == 18
+  assert sorted(np.concatenate([kept, held]).tolist()) == list(range(20))
+  np.testing.assert_array_equal(data.split_holdout(20, 0.1, seed=3)[1], held)
+  assert len(data.split_holdout(5, 0.01, seed=0)[1]) == 1  # at least one
+  assert len(data.split_holdout(5, 0.0, seed=0)[1]) == 0
+  with pytest.raises(ValueError, match='leaves none to train on'):
+    data.split_holdout(1, 0.5, seed=0)
+  with pytest.raises(ValueError, match=r'must lie in \[0, 1\)'):
+    data.split_holdout(10, 1.0, seed=0)
+
+
+def test_training_never_sees_the_held_out_images(trained):
+  config, _, _ = trained
+  kept, held_out = train.training_images(config)
+  everything = data.load_train_images(data.resolve_data_dir(config), config.category,
+                                      config.image_size)
+  assert len(kept) + len(held_out) == len(everything)
+  kept_bytes = {image.tobytes() for image in kept}
+  assert not any(image.tobytes() in kept_bytes for image in held_out)
+
+
+def test_a_stage1_only_run_reports_one_row(trained, tmp_path):
+  config, workdir, _ = trained
+  shutil.copytree(train.checkpoint_dir(workdir, 1), train.checkpoint_dir(str(tmp_path), 1))
+  results = evaluate.evaluate(config, str(tmp_path))
+  assert list(results['rows']) == ['stage 1']
+  assert results['stage2_step'] is None and results['thresholds']['map'] == 'stage 1'
+
+
+def write_mixed_folder(folder):
+  rng = np.random.default_rng(0)
+  os.makedirs(folder)
+  Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(f'{folder}/rgb.png')
+  Image.fromarray(rng.integers(0, 256, (50, 70), np.uint8), 'L').save(f'{folder}/gray.png')
+  Image.fromarray(rng.integers(0, 256, (40, 40, 3), np.uint8)).save(f'{folder}/photo.jpg')
+  with open(f'{folder}/notes.txt', 'w') as f:
+    f.write('not an image')
+
+
+def test_predict_writes_heatmaps_masks_and_scores(trained, tmp_path, caplog):
+  config, workdir, _ = trained
+  config = config.copy_and_resolve_references()
+  config.predict_dir = str(tmp_path / 'new')
+  config.predict_output_dir = str(tmp_path / 'out')
+  write_mixed_folder(config.predict_dir)
+  out = predict.predict(config, workdir)
+  assert out == config.predict_output_dir
+  assert 'notes.txt' in caplog.text
+  names = sorted(os.listdir(out))
+  assert names == sorted(['scores.csv'] + [f'{stem}_{kind}.png' for stem in
+                                          ('gray', 'photo', 'rgb') for kind in ('heatmap', 'mask')])
+  with Image.open(os.path.join(out, 'gray_mask.png')) as mask:
+    assert mask.size == (70, 50)  # the original size, not the model's
+  with Image.open(os.path.join(out, 'gray_heatmap.png')) as heatmap:
+    assert heatmap.mode == 'RGB' and heatmap.size == (70, 50)
+  thresholds = json.load(open(calibration.thresholds_path(workdir)))
+  rows = list(csv.DictReader(open(os.path.join(out, 'scores.csv'))))
+  assert [r['file'] for r in rows] == ['gray.png', 'photo.jpg', 'rgb.png']
+  for row in rows:
+    expected = 'anomalous' if float(row['image_score']) >= thresholds['image'] else 'normal'
+    assert row['decision'] == expected
+
+
+def test_predict_errors_name_the_problem(trained, tmp_path):
+  config, workdir, _ = trained
+  config = config.copy_and_resolve_references()
+  with pytest.raises(ValueError, match='needs --config.predict_dir'):
+    predict.predict(config, workdir)
+  config.predict_dir = str(tmp_path / 'empty')
+  os.makedirs(config.predict_dir)
+  with pytest.raises(data.DatasetError, match=f'no images .* in {tmp_path / "empty"}'):
+    predict.predict(config, workdir)
+  config.predict_dir = str(tmp_path / 'new')
+  write_mixed_folder(config.predict_dir)
+  with pytest.raises(FileNotFoundError, match=f'workdir {tmp_path / "untrained"}'):
+    predict.predict(config, str(tmp_path / 'untrained'))
+
+
+@pytest.mark.slow
+def test_all_categories_trains_one_model_each_and_summarises(tmp_path, capsys):
+  config = tiny_config(tmp_path / 'cache', category='all', **{'train.num_steps': 2})
+  main.run_all_categories(config, str(tmp_path / 'runs'), 'train')
+  summary = json.load(open(tmp_path / 'runs' / 'eval' / 'summary.json'))
+  assert [r['category'] for r in summary] == list(data.DEMO_CATEGORIES)
+  for category in data.DEMO_CATEGORIES:
+    assert os.path.isdir(train.checkpoint_dir(str(tmp_path / 'runs' / category), 2))
+  report_md = (tmp_path / 'runs' / 'eval' / 'report.md').read_text()
+  mean_line = next(line for line in report_md.splitlines() if '| mean | combined |' in line)
+  expected = np.mean([r['rows']['combined']['pixel_auroc'] for r in summary])
+  assert f'{expected:.4f}' in mean_line
+  assert 'mean' in capsys.readouterr().out

@@ -1,0 +1,82 @@
+"""Decision thresholds for prediction, fixed from held-out normal images.
+
+A share of train/good (`calibration.holdout_fraction`) never reaches
+training. After training, the final map of each held-out image is computed;
+the image threshold is the `calibration.image_quantile` quantile of their
+image scores and the pixel threshold the `calibration.pixel_quantile`
+quantile of all their pixels. Only normal images are used, never the test
+set, so the thresholds are an honest operating point: about
+1 - image_quantile of normal images are flagged.
+
+They are stored as `<workdir>/checkpoints/thresholds.json` together with the
+checkpoint steps they were computed for, and recomputed when those change.
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from twostage_jax import inference
+from twostage_jax import train
+
+
+def thresholds_path(workdir: str) -> str:
+  return os.path.join(workdir, 'checkpoints', 'thresholds.json')
+
+
+def compute_thresholds(config: ml_collections.ConfigDict,
+                       model: inference.TrainedModel) -> dict[str, Any]:
+  """Image and pixel thresholds of `model`'s final map on the held-out images.
+
+  Raises:
+    ValueError: if `calibration.holdout_fraction` is 0 (nothing held out).
+  """
+  if config.calibration.holdout_fraction <= 0:
+    raise ValueError(
+        'decision thresholds need held-out normal images, but '
+        'config.calibration.holdout_fraction is 0; retrain with a fraction > 0')
+  _, held_out = train.training_images(config)
+  maps = inference.anomaly_maps(config, model, held_out)
+  scores = inference.image_scores(config, maps)
+  final = model.final_map
+  return {
+      'image': float(np.quantile(scores[final], config.calibration.image_quantile)),
+      'pixel': float(np.quantile(maps[final], config.calibration.pixel_quantile)),
+      'map': final,
+      'num_holdout_images': len(held_out),
+      'image_quantile': config.calibration.image_quantile,
+      'pixel_quantile': config.calibration.pixel_quantile,
+      **model.steps,
+  }
+
+
+def _is_current(thresholds: dict[str, Any], config: ml_collections.ConfigDict,
+                model: inference.TrainedModel) -> bool:
+  settings = {**model.steps, 'map': model.final_map,
+              'image_quantile': config.calibration.image_quantile,
+              'pixel_quantile': config.calibration.pixel_quantile}
+  return all(thresholds.get(k) == v for k, v in settings.items())
+
+
+def ensure_thresholds(config: ml_collections.ConfigDict, workdir: str,
+                      model: inference.TrainedModel) -> dict[str, Any]:
+  """The stored thresholds of `model`'s checkpoints; computed and stored if missing."""
+  path = thresholds_path(workdir)
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+    if _is_current(stored, config, model):
+      return stored
+  thresholds = compute_thresholds(config, model)
+  logging.info('decision thresholds from %d held-out normal images: image %.4g, pixel %.4g',
+               thresholds['num_holdout_images'], thresholds['image'], thresholds['pixel'])
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(thresholds, f, indent=2)
+  return thresholds

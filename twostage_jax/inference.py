@@ -1,0 +1,149 @@
+"""Two-stage inference: trained checkpoints -> anomaly maps and image scores.
+
+Stage 1 maps each image; the refinement (refine.py) keeps the SLIC
+superpixels it flagged; stage 2 maps that masked image; the final map
+combines both. SLIC runs on the host, in worker processes; everything else
+runs on this process's devices, the images split over them.
+"""
+
+import concurrent.futures
+import dataclasses
+import functools
+import multiprocessing
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from twostage_jax import parallel
+from twostage_jax import refine
+from twostage_jax import synthesis
+from twostage_jax import train
+from twostage_jax.models.segmentation import DATA_AXIS
+
+Variables = dict[str, Any]
+STAGE1, STAGE2, COMBINED = 'stage 1', 'stage 2', 'combined'
+MAP_NAMES = (STAGE1, STAGE2, COMBINED)  # the order of every report
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  """Host copies of the trained variables; stage 2 is None if not trained."""
+
+  stage1: Variables
+  stage1_step: int
+  stage2: Variables | None = None
+  stage2_step: int | None = None
+
+  @property
+  def final_map(self) -> str:
+    """Name of the map decisions are made on: combined, or stage 1 alone."""
+    return STAGE1 if self.stage2 is None else COMBINED
+
+  @property
+  def steps(self) -> dict[str, int | None]:
+    return {'stage1_step': self.stage1_step, 'stage2_step': self.stage2_step}
+
+
+def _has_checkpoint(workdir: str, stage: int) -> bool:
+  folder = train.checkpoint_dir(workdir, stage)
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
+def load_model(config: ml_collections.ConfigDict, workdir: str) -> TrainedModel:
+  """Restores stage 1 and, when it was trained, stage 2 (`eval.stage<n>_step`).
+
+  Raises:
+    FileNotFoundError: naming the workdir, if stage 1 has no checkpoint.
+  """
+  mesh = parallel.make_mesh()
+  state1, step1 = train.restore_state(config, workdir, 1, mesh, config.eval.stage1_step)
+  stage1 = parallel.to_host(train.variables_of(state1))
+  if not _has_checkpoint(workdir, 2):
+    logging.warning('no stage-2 checkpoint in %s: using stage 1 alone',
+                    train.checkpoint_dir(workdir, 2))
+    return TrainedModel(stage1, step1)
+  state2, step2 = train.restore_state(config, workdir, 2, mesh, config.eval.stage2_step)
+  return TrainedModel(stage1, step1, parallel.to_host(train.variables_of(state2)), step2)
+
+
+def superpixels(images: np.ndarray, config: ml_collections.ConfigDict,
+                num_workers: int) -> np.ndarray:
+  """int32 (N, H, W) SLIC labels of uint8 images (`refine` settings).
+
+  SLIC holds the GIL, so more than a few images go to spawned processes.
+  """
+  label = functools.partial(
+      synthesis.slic_labels, n_segments=config.refine.n_segments,
+      compactness=config.refine.compactness, sigma=config.refine.sigma)
+  if num_workers == 0 or len(images) < 4 * num_workers:
+    return np.stack([label(image) for image in images])
+  context = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+    return np.stack(list(pool.map(label, images, chunksize=4)))
+
+
+def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
+  """Image scores: max of the size x size mean-filtered maps (zeros outside)."""
+  window = (1, size, size)
+  summed = jax.lax.reduce_window(maps, 0.0, jax.lax.add, window, (1, 1, 1), 'SAME')
+  return (summed / (size * size)).max(axis=(1, 2))
+
+
+def _maps_fn(config: ml_collections.ConfigDict, two_stage: bool):
+  """Pure (variables, batch) -> {map name: (B, H, W)} for one device's images."""
+  model = train.create_model(config)
+
+  def maps(variables, batch):
+    images = batch['image'].astype(jnp.float32) / 255.0
+    out = {STAGE1: model.apply(variables[0], images, train=False)}
+    if two_stage:
+      selected = refine.region(out[STAGE1], batch['labels'], config.refine)
+      out[STAGE2] = model.apply(
+          variables[1], refine.masked_input(images, selected), train=False)
+      out[COMBINED] = refine.combine(out[STAGE1], out[STAGE2], config.refine.combine)
+    return out
+
+  return maps
+
+
+def anomaly_maps(config: ml_collections.ConfigDict, model: TrainedModel,
+                 images: np.ndarray) -> dict[str, np.ndarray]:
+  """float32 (N, H, W) maps of uint8 (N, H, W, 3) images, by map name.
+
+  Names: 'stage 1', and with a trained stage 2 also 'stage 2' and
+  'combined'. Batches of `eval.batch_size` (rounded up to a multiple of
+  the local devices) are split over this process's devices; the last one
+  is padded.
+  """
+  two_stage = model.stage2 is not None
+  mesh = Mesh(np.array(jax.local_devices()), (DATA_AXIS,))
+  devices = mesh.devices.size
+  batch_size = -(-config.eval.batch_size // devices) * devices
+  infer = parallel.per_shard(_maps_fn(config, two_stage), mesh)
+  variables = jax.device_put(
+      (model.stage1, model.stage2 if two_stage else {}), parallel.replicated(mesh))
+  inputs = {'image': images}
+  if two_stage:
+    inputs['labels'] = superpixels(images, config, config.train.num_workers)
+  outputs = []
+  for start in range(0, len(images), batch_size):
+    batch = {k: v[start:start + batch_size] for k, v in inputs.items()}
+    count = len(batch['image'])
+    batch = {k: np.concatenate([v, np.zeros((batch_size - count,) + v.shape[1:], v.dtype)])
+             for k, v in batch.items()}
+    maps = infer(variables, jax.device_put(batch, parallel.batch_sharded(mesh)))
+    outputs.append({k: np.asarray(v)[:count] for k, v in maps.items()})
+  return {k: np.concatenate([o[k] for o in outputs]) for k in MAP_NAMES if k in outputs[0]}
+
+
+def image_scores(config: ml_collections.ConfigDict, maps: dict[str, np.ndarray]
+                 ) -> dict[str, np.ndarray]:
+  """(N,) image scores of every map: max of its `eval.score_filter_size` mean filter."""
+  score = jax.jit(functools.partial(mean_filter_max, size=config.eval.score_filter_size))
+  return {k: np.asarray(score(v)) for k, v in maps.items()}

@@ -1,0 +1,119 @@
+"""Stage-1 map -> superpixel region -> stage-2 input, and the final map.
+
+The refinement of the two-stage model (DESIGN.md, "Stage 2"):
+
+1. threshold the stage-1 map (`refine.threshold_rule`):
+   'absolute': map >= threshold; 'relative': map >= threshold * the map's
+   maximum over its image;
+2. 3x3 median filter of that binary map (`refine.median_size`), removing
+   isolated pixels; for a binary map the median is the majority of the
+   window; borders replicate the edge pixels;
+3. keep every SLIC superpixel of the input image (labels computed on the
+   host, see synthesis.slic_labels) that overlaps what survived by at least
+   one pixel;
+4. the stage-2 input is the image with everything outside those
+   superpixels set to zero.
+
+The final map combines the two stage maps (`refine.combine`): 'sum' (the
+public code's choice), 'mean', 'max', or 'stage2' alone.
+
+Everything here is a pure JAX function of device arrays: the SLIC labels
+come with the batch, so the selection runs inside the jitted step, next to
+the stage-1 forward pass that produces the map, without a round trip to the
+host.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+THRESHOLD_RULES = ('absolute', 'relative')
+COMBINE_RULES = ('sum', 'mean', 'max', 'stage2')
+
+
+def threshold(maps: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+  """bool (B, H, W): pixels of the stage-1 maps that count as flagged."""
+  if config.threshold_rule == 'absolute':
+    return maps >= config.threshold
+  if config.threshold_rule == 'relative':
+    peak = maps.max(axis=(1, 2), keepdims=True)
+    return maps >= config.threshold * peak
+  raise ValueError(f'unknown refine.threshold_rule {config.threshold_rule!r}; '
+                   f'expected one of {THRESHOLD_RULES}')
+
+
+def binary_median(flags: jax.Array, size: int) -> jax.Array:
+  """Median filter of bool (B, H, W) maps over size x size windows (size odd).
+
+  The median of 0/1 values is 1 exactly when more than half of the window is
+  1, so a windowed count replaces the sort. Edge pixels are replicated, as
+  OpenCV's medianBlur does.
+  """
+  pad = size // 2
+  padded = jnp.pad(flags.astype(jnp.int32), ((0, 0), (pad, pad), (pad, pad)), mode='edge')
+  counts = jax.lax.reduce_window(padded, 0, jax.lax.add, (1, size, size), (1, 1, 1), 'VALID')
+  return counts > (size * size) // 2
+
+
+def _touched_segments(flags: jax.Array, labels: jax.Array) -> jax.Array:
+  """bool (H, W): pixels whose superpixel holds at least one flagged pixel."""
+  num_segments = labels.size  # ids are < H * W, whatever SLIC returned
+  hit = jax.ops.segment_max(flags.ravel().astype(jnp.int32), labels.ravel(),
+                            num_segments=num_segments)
+  return hit[labels] > 0
+
+
+def region(stage1_maps: jax.Array, labels: jax.Array,
+           config: ml_collections.ConfigDict) -> jax.Array:
+  """bool (B, H, W): union of the superpixels that stage 1 flagged.
+
+  Args:
+    stage1_maps: float (B, H, W) stage-1 anomaly maps.
+    labels: int32 (B, H, W) SLIC ids (>= 0) of the input images.
+    config: the `refine` section of the config.
+  """
+  flags = binary_median(threshold(stage1_maps, config), config.median_size)
+  return jax.vmap(_touched_segments)(flags, labels)
+
+
+def masked_input(images: jax.Array, selected: jax.Array) -> jax.Array:
+  """The stage-2 input: the images, zero outside the selected region."""
+  return images * selected[..., None].astype(images.dtype)
+
+
+def combine(stage1_maps: jax.Array, stage2_maps: jax.Array,
+            rule: str) -> jax.Array:
+  """The final anomaly maps from the two stage maps (`refine.combine`)."""
+  if rule == 'sum':
+    return stage1_maps + stage2_maps
+  if rule == 'mean':
+    return (stage1_maps + stage2_maps) / 2
+  if rule == 'max':
+    return jnp.maximum(stage1_maps, stage2_maps)
+  if rule == 'stage2':
+    return stage2_maps
+  raise ValueError(f'unknown refine.combine {rule!r}; expected one of {COMBINE_RULES}')
+
+
+def stage2_batch(stage1_apply: Callable[..., jax.Array], stage1_variables: Any,
+                 batch: dict[str, jax.Array],
+                 config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """Turns a training batch with SLIC labels into stage 2's batch.
+
+  Stage 1 is frozen: it runs in inference mode (BatchNorm running
+  statistics) and no gradient flows into it.
+
+  Args:
+    stage1_apply: the stage-1 module's `apply`.
+    stage1_variables: its params and batch statistics.
+    batch: 'image' float (B, H, W, 3), 'mask' (B, H, W), 'labels' int32 (B, H, W).
+    config: the `refine` section of the config.
+
+  Returns:
+    {'image': the masked images, 'mask': the unchanged targets}.
+  """
+  maps = jax.lax.stop_gradient(stage1_apply(stage1_variables, batch['image'], train=False))
+  selected = region(maps, batch['labels'], config)
+  return {'image': masked_input(batch['image'], selected), 'mask': batch['mask']}

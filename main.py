@@ -96,10 +96,16 @@ def main(argv: list[str]) -> None:
   parallel.initialize_distributed(config.distributed)  # before any device use
   logging.info('JAX %s on %d processes, %d devices (%s)', jax.__version__,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
-  if config.category == ALL_CATEGORIES:
-    run_all_categories(config, FLAGS.workdir, FLAGS.mode)
-  else:
-    run_category(config, FLAGS.workdir, FLAGS.mode)
+  if FLAGS.mode == 'predict' and not config.predict_dir:
+    raise app.UsageError('--mode=predict needs --config.predict_dir=<folder of images>')
+  try:
+    if config.category == ALL_CATEGORIES:
+      run_all_categories(config, FLAGS.workdir, FLAGS.mode)
+    else:
+      run_category(config, FLAGS.workdir, FLAGS.mode)
+  except (data.DatasetError, FileNotFoundError) as error:
+    # Problems with the user's files: the message names them; no traceback.
+    raise SystemExit(f'error: {error}') from error
 
 
 if __name__ == '__main__':

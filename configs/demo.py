@@ -1,6 +1,6 @@
 """Built-in demo: procedurally generated data and a CPU-sized model.
 
-Train + evaluate takes about 6 minutes on a 2-core CPU:
+Both stages + evaluation take about 12.5 minutes on a 2-core CPU:
   python main.py --config=configs/demo.py --workdir=runs/demo
 """
 

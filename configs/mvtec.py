@@ -92,7 +92,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.score_filter_size = 21  # image score = max of mean-filtered map
   config.eval.stage1_step = -1  # checkpoint steps to evaluate; -1 = latest
   config.eval.stage2_step = -1
-  config.eval.pro_max_fpr = 0.3  # AUPRO integrated to this FPR
   config.eval.num_examples = 6  # worst and best test images drawn in the report
 
   # Decision thresholds for --mode=predict, fixed after training from normal

@@ -19,6 +19,11 @@ def test_paper_recipe_values():
   assert tuple(config.train.lr_decay_fractions) == (0.8, 0.9)
   assert config.train.lr_decay_factor == 0.2
   assert config.synthesis.p_anomaly == 0.5 and config.synthesis.p_perlin == 0.5
+  refine = config.refine
+  assert (refine.n_segments, refine.compactness, refine.sigma) == (250, 8.0, 1.0)
+  assert refine.median_size == 3 and refine.combine == 'sum' and config.stage == 'both'
+  assert (config.stage2.loss.l2_weight, config.stage2.loss.ssim_weight) == (1.0, 0.0)
+  assert config.loss.ssim_weight == 1.0  # stage 1 keeps SSIM + L2
 
 
 @pytest.mark.parametrize('key, value, message', [
@@ -28,11 +33,21 @@ def test_paper_recipe_values():
     ('eval.score_filter_size', 20, 'config.eval.score_filter_size = 20 must be a positive odd'),
     ('train.lr_decay_fractions', (0.8, 1.2), 'must be fractions in'),
     ('synthesis.saim_n_segments', (), 'must be a non-empty list'),
+    ('stage', '3', "config.stage = '3' must be 'both', '1' or '2'"),
+    ('refine.combine', 'product', "config.refine.combine = 'product' must be 'sum'"),
+    ('refine.threshold_rule', 'otsu', "must be 'absolute' or 'relative'"),
+    ('refine.median_size', 4, 'config.refine.median_size = 4 must be a positive odd'),
+    ('stage2.loss.ssim_weight', -1.0, 'config.stage2.loss.ssim_weight = -1.0 must be 0 or more'),
+    ('calibration.holdout_fraction', 1.0, 'config.calibration.holdout_fraction = 1.0 must be'),
+    ('calibration.pixel_quantile', 0.0, 'config.calibration.pixel_quantile = 0.0 must be'),
 ])
 def test_bad_values_are_named(key, value, message):
   config = mvtec.get_config()
-  section, _, name = key.rpartition('.')
-  (config[section] if section else config)[name] = value
+  *sections, name = key.split('.')
+  parent = config
+  for section in sections:
+    parent = parent[section]
+  parent[name] = value
   with pytest.raises(ValueError, match=message.replace('(', r'\(')):
     config_validation.validate(config)
 

@@ -4,6 +4,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from twostage_jax import inference
 from twostage_jax import predict
 from twostage_jax import train
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ['stage 1', 'stage 2', 'combined']
 
 
@@ -114,7 +117,7 @@ def test_metrics_are_those_of_the_maps(trained):
   maps = inference.anomaly_maps(config, model, test.images)
   scores = inference.image_scores(config, maps)
   for row in ROWS:
-    expected = evaluate.row_metrics(maps[row], scores[row], test, 0.3)
+    expected = evaluate.row_metrics(maps[row], scores[row], test)
     assert results['rows'][row] == pytest.approx(expected)
 
 
@@ -226,7 +229,20 @@ def test_all_categories_trains_one_model_each_and_summarises(tmp_path, capsys):
   for category in data.DEMO_CATEGORIES:
     assert os.path.isdir(train.checkpoint_dir(str(tmp_path / 'runs' / category), 2))
   report_md = (tmp_path / 'runs' / 'eval' / 'report.md').read_text()
-  mean_line = next(line for line in report_md.splitlines() if '| mean | combined |' in line)
+  mean_line = next(line for line in report_md.splitlines() if '| **mean** | combined |' in line)
   expected = np.mean([r['rows']['combined']['pixel_auroc'] for r in summary])
   assert f'{expected:.4f}' in mean_line
   assert 'mean' in capsys.readouterr().out
+
+
+def test_main_reports_file_problems_without_a_traceback(tmp_path):
+  os.makedirs(tmp_path / 'empty')
+  command = [sys.executable, os.path.join(ROOT, 'main.py'),
+             f'--config={os.path.join(ROOT, "configs", "demo.py")}',
+             f'--workdir={tmp_path / "run"}', '--mode=predict',
+             f'--config.predict_dir={tmp_path / "empty"}']
+  result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 1
+  assert 'error: no images (.png' in result.stderr and str(tmp_path / 'empty') in result.stderr
+  assert 'Traceback' not in result.stderr

@@ -40,7 +40,6 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('calibration.image_quantile', lambda v: 0 < v <= 1, 'in (0, 1]'),
     ('calibration.pixel_quantile', lambda v: 0 < v <= 1, 'in (0, 1]'),
     ('eval.batch_size', lambda v: v > 0, 'positive'),
-    ('eval.pro_max_fpr', lambda v: 0 < v <= 1, 'in (0, 1]'),
     ('eval.num_examples', lambda v: v >= 0, '0 or more'),
     ('eval.score_filter_size', lambda v: v > 0 and v % 2 == 1, 'a positive odd number'),
 )

@@ -41,7 +41,8 @@ def main(_):
       parallel.batch_sharded(mesh))
   state = jax.device_put(train.create_train_state(config, train.prng_key(0)),
                          parallel.replicated(mesh))
-  step = parallel.data_parallel(functools.partial(train.train_step, loss_config=config.loss), mesh)
+  step = parallel.data_parallel(
+      functools.partial(train.train_step, objective=train.objective(config, 1)), mesh)
   key = train.prng_key(0)
   start = time.perf_counter()
   state, metrics = step(state, batch, key)

@@ -10,6 +10,8 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  # 'two_stage' (this recipe) or 'bauer' (configs/bauer.py).
+  config.method = 'two_stage'
   config.seed = 0
   # Which stages --mode=train trains: 'both' (stage 1, then stage 2), '1'
   # or '2' (stage 2 alone needs stage 1's checkpoint in the workdir).
@@ -47,6 +49,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.synthesis.saim_sigma = 1.0
   config.synthesis.saim_fraction = 0.1  # share of segment ids pasted
   config.synthesis.saim_rotations = (0, 90, 180)
+  # Share of the anomalies made by Bauer's patch distortion (`distortion`)
+  # instead of Perlin/SAIM; 0 keeps the papers' two generators.
+  config.synthesis.p_distortion = 0.0
+
+  # Bauer's patch distortion: a random patch, elastically deformed under a
+  # random blob-shaped mask (twostage_jax/synthesis/distortion.py).
+  config.distortion = ml_collections.ConfigDict()
+  config.distortion.p_distort = 1.0  # used when the generator is picked
+  config.distortion.patch_min_fraction = 0.1  # patch side / image side
+  config.distortion.patch_max_fraction = 0.5
+  config.distortion.elastic_alpha = 8.0  # largest displacement, pixels
+  config.distortion.elastic_sigma = 4.0  # smoothing of the field, pixels
+  config.distortion.shape_sigma = 0.1  # blob smoothing, share of the patch side
+  config.distortion.shape_threshold = 0.5  # in [0, 1): larger, smaller blobs
+  config.distortion.brightness_max = 0.0  # patch brightness x U(1 -/+ this)
+
+  # Geometric augmentation of the normal images before synthesis: a rotation
+  # drawn from `rotations`, then flips with probability 0.5 each. The
+  # papers use none; `augment_by_category` overrides it per category.
+  config.augment = ml_collections.ConfigDict()
+  config.augment.rotations = (0,)
+  config.augment.hflip = False
+  config.augment.vflip = False
+  config.augment_by_category = ml_collections.ConfigDict()
 
   config.model = ml_collections.ConfigDict()
   config.model.width = 128
@@ -89,7 +115,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 16
-  config.eval.score_filter_size = 21  # image score = max of mean-filtered map
+  # Image score: 'mean_filter_max' (max of the score_filter_size mean-filtered
+  # map, the papers' rule) or 'max' (the map's maximum).
+  config.eval.score_rule = 'mean_filter_max'
+  config.eval.score_filter_size = 21
   config.eval.stage1_step = -1  # checkpoint steps to evaluate; -1 = latest
   config.eval.stage2_step = -1
   config.eval.num_examples = 6  # worst and best test images drawn in the report

@@ -65,7 +65,7 @@ def run(config: ml_collections.ConfigDict, num_steps: int,
   sample = train.make_sampler_factory(config, stage=1)()
   state = jax.device_put(initial_state(config, tx), parallel.replicated(mesh))
   step_fn = parallel.data_parallel(
-      functools.partial(train.train_step, loss_config=config.loss), mesh)
+      functools.partial(train.train_step, objective=train.objective(config, 1)), mesh)
   losses = []
   for step in range(num_steps):
     batch = pipeline.build_batch(images, sample, plan, step)

@@ -13,8 +13,7 @@ from twostage_jax import synthesis
 def make_sampler(size, refine=False):
   config = demo.get_config()
   sources = synthesis.load_anomaly_sources('', size)[:4]
-  return functools.partial(synthesis.TrainingSampler, sources, config.synthesis, None,
-                           config.refine if refine else None)
+  return functools.partial(synthesis.TrainingSampler, sources, config, None, 2 if refine else 1)
 
 
 @pytest.fixture(scope='module')

@@ -4,10 +4,12 @@ from typing import Any, Callable
 
 import ml_collections
 
-# (key, predicate, what the value must be)
+METHODS = ('two_stage', 'bauer')
+
+# (key, predicate, what the value must be), for every method.
 _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ('method', lambda v: v in METHODS, "'two_stage' or 'bauer'"),
     ('image_size', lambda v: v > 0 and v % 4 == 0, 'a positive multiple of 4'),
-    ('model.width', lambda v: v > 0, 'positive'),
     ('train.global_batch_size', lambda v: v > 0, 'positive'),
     ('train.num_steps', lambda v: v > 0, 'positive'),
     ('train.learning_rate', lambda v: v > 0, 'positive'),
@@ -25,24 +27,51 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('synthesis.saim_fraction', lambda v: 0 < v <= 1, 'in (0, 1]'),
     ('synthesis.saim_n_segments', lambda v: len(v) > 0 and all(n > 1 for n in v),
      'a non-empty list of segment counts > 1'),
-    ('stage', lambda v: v in ('both', '1', '2'), "'both', '1' or '2'"),
-    ('refine.threshold_rule', lambda v: v in ('absolute', 'relative'),
-     "'absolute' or 'relative'"),
-    ('refine.median_size', lambda v: v > 0 and v % 2 == 1, 'a positive odd number'),
-    ('refine.n_segments', lambda v: v > 1, 'more than 1'),
-    ('refine.compactness', lambda v: v > 0, 'positive'),
-    ('refine.sigma', lambda v: v >= 0, '0 or more'),
-    ('refine.combine', lambda v: v in ('sum', 'mean', 'max', 'stage2'),
-     "'sum', 'mean', 'max' or 'stage2'"),
-    ('stage2.loss.l2_weight', lambda v: v >= 0, '0 or more'),
-    ('stage2.loss.ssim_weight', lambda v: v >= 0, '0 or more'),
+    ('synthesis.p_distortion', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('distortion.p_distort', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('distortion.patch_min_fraction', lambda v: 0 < v <= 1, 'in (0, 1]'),
+    ('distortion.patch_max_fraction', lambda v: 0 < v <= 1, 'in (0, 1]'),
+    ('distortion.shape_threshold', lambda v: 0 <= v < 1, 'in [0, 1)'),
+    ('augment.rotations', lambda v: len(v) > 0 and all(a % 90 == 0 for a in v),
+     'a non-empty list of multiples of 90'),
     ('calibration.holdout_fraction', lambda v: 0 <= v < 1, 'in [0, 1)'),
     ('calibration.image_quantile', lambda v: 0 < v <= 1, 'in (0, 1]'),
     ('calibration.pixel_quantile', lambda v: 0 < v <= 1, 'in (0, 1]'),
     ('eval.batch_size', lambda v: v > 0, 'positive'),
     ('eval.num_examples', lambda v: v >= 0, '0 or more'),
     ('eval.score_filter_size', lambda v: v > 0 and v % 2 == 1, 'a positive odd number'),
+    ('eval.score_rule', lambda v: v in ('mean_filter_max', 'max'), "'mean_filter_max' or 'max'"),
 )
+
+_METHOD_RULES: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
+    'two_stage': (
+        ('model.width', lambda v: v > 0, 'positive'),
+        ('stage', lambda v: v in ('both', '1', '2'), "'both', '1' or '2'"),
+        ('refine.threshold_rule', lambda v: v in ('absolute', 'relative'),
+         "'absolute' or 'relative'"),
+        ('refine.median_size', lambda v: v > 0 and v % 2 == 1, 'a positive odd number'),
+        ('refine.n_segments', lambda v: v > 1, 'more than 1'),
+        ('refine.compactness', lambda v: v > 0, 'positive'),
+        ('refine.sigma', lambda v: v >= 0, '0 or more'),
+        ('refine.combine', lambda v: v in ('sum', 'mean', 'max', 'stage2'),
+         "'sum', 'mean', 'max' or 'stage2'"),
+        ('stage2.loss.l2_weight', lambda v: v >= 0, '0 or more'),
+        ('stage2.loss.ssim_weight', lambda v: v >= 0, '0 or more'),
+    ),
+    'bauer': (
+        ('stage', lambda v: v == '1', "'1' (Bauer's model is a single network)"),
+        ('model.encoder_widths', lambda v: len(v) > 0 and all(w > 0 for w in v),
+         'a non-empty list of positive widths'),
+        ('model.sdc_blocks', lambda v: v >= 0, '0 or more'),
+        ('model.sdc_filters', lambda v: v > 0, 'positive'),
+        ('model.sdc_dilations', lambda v: len(v) > 0 and all(d > 0 for d in v),
+         'a non-empty list of positive dilations'),
+        ('loss.objective', lambda v: v in (1, 3), '1 or 3'),
+        ('loss.lam', lambda v: 0 <= v <= 1, 'in [0, 1]'),
+        ('eval.map_sigma', lambda v: v >= 0, '0 or more'),
+        ('eval.min_defect_fraction', lambda v: 0 < v < 1, 'in (0, 1)'),
+    ),
+}
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -55,7 +84,8 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError listing every config value outside its valid range."""
   problems = []
-  for key, valid, expected in _RULES:
+  rules = _RULES + _METHOD_RULES.get(config.method, ())
+  for key, valid, expected in rules:
     value = _get(config, key)
     if not valid(value):
       problems.append(f'config.{key} = {value!r} must be {expected}')

@@ -1,9 +1,11 @@
-"""Two-stage inference: trained checkpoints -> anomaly maps and image scores.
+"""Inference: trained checkpoints -> anomaly maps and image scores.
 
-Stage 1 maps each image; the refinement (refine.py) keeps the SLIC
-superpixels it flagged; stage 2 maps that masked image; the final map
-combines both. SLIC runs on the host, in worker processes; everything else
-runs on this process's devices, the images split over them.
+Two-stage model: stage 1 maps each image; the refinement (refine.py) keeps
+the SLIC superpixels it flagged; stage 2 maps that masked image; the final
+map combines both. SLIC runs on the host, in worker processes. Bauer's
+autoencoder: the squared reconstruction error averaged over the channels,
+Gaussian-smoothed. Networks run on this process's devices, the images split
+over them.
 """
 
 import concurrent.futures
@@ -20,6 +22,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
+from twostage_jax import losses
 from twostage_jax import parallel
 from twostage_jax import refine
 from twostage_jax import synthesis
@@ -28,13 +31,18 @@ from twostage_jax.models.segmentation import DATA_AXIS
 
 Variables = dict[str, Any]
 STAGE1, STAGE2, COMBINED = 'stage 1', 'stage 2', 'combined'
-MAP_NAMES = (STAGE1, STAGE2, COMBINED)  # the order of every report
+AUTOENCODER = 'autoencoder'
+MAP_NAMES = (STAGE1, STAGE2, COMBINED, AUTOENCODER)  # the order of every report
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
-  """Host copies of the trained variables; stage 2 is None if not trained."""
+  """Host copies of the trained variables; stage 2 is None if not trained.
 
+  For Bauer's method (`method='bauer'`) stage 1 is the autoencoder.
+  """
+
+  method: str
   stage1: Variables
   stage1_step: int
   stage2: Variables | None = None
@@ -42,7 +50,9 @@ class TrainedModel:
 
   @property
   def final_map(self) -> str:
-    """Name of the map decisions are made on: combined, or stage 1 alone."""
+    """Name of the map decisions are made on."""
+    if self.method == 'bauer':
+      return AUTOENCODER
     return STAGE1 if self.stage2 is None else COMBINED
 
   @property
@@ -64,12 +74,15 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> TrainedModel:
   mesh = parallel.make_mesh()
   state1, step1 = train.restore_state(config, workdir, 1, mesh, config.eval.stage1_step)
   stage1 = parallel.to_host(train.variables_of(state1))
+  if config.method == 'bauer':
+    return TrainedModel(config.method, stage1, step1)
   if not _has_checkpoint(workdir, 2):
     logging.warning('no stage-2 checkpoint in %s: using stage 1 alone',
                     train.checkpoint_dir(workdir, 2))
-    return TrainedModel(stage1, step1)
+    return TrainedModel(config.method, stage1, step1)
   state2, step2 = train.restore_state(config, workdir, 2, mesh, config.eval.stage2_step)
-  return TrainedModel(stage1, step1, parallel.to_host(train.variables_of(state2)), step2)
+  return TrainedModel(config.method, stage1, step1,
+                      parallel.to_host(train.variables_of(state2)), step2)
 
 
 def superpixels(images: np.ndarray, config: ml_collections.ConfigDict,
@@ -95,12 +108,29 @@ def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
   return (summed / (size * size)).max(axis=(1, 2))
 
 
+def reconstruction_error_map(reconstructions: jax.Array, images: jax.Array,
+                             sigma: float) -> jax.Array:
+  """Bauer's anomaly map (B, H, W): channel-mean squared error, Gaussian-smoothed.
+
+  The Gaussian window spans 3 sigma on each side; sigma 0 turns smoothing off.
+  """
+  error = jnp.mean((reconstructions - images) ** 2, axis=-1)
+  if sigma == 0:
+    return error
+  window = 2 * int(np.ceil(3 * sigma)) + 1
+  return losses.gaussian_filter_same(window, sigma)(error[..., None])[..., 0]
+
+
 def _maps_fn(config: ml_collections.ConfigDict, two_stage: bool):
   """Pure (variables, batch) -> {map name: (B, H, W)} for one device's images."""
   model = train.create_model(config)
 
   def maps(variables, batch):
     images = batch['image'].astype(jnp.float32) / 255.0
+    if config.method == 'bauer':
+      reconstructions = model.apply(variables[0], images, train=False)
+      return {AUTOENCODER: reconstruction_error_map(
+          reconstructions, images, config.eval.map_sigma)}
     out = {STAGE1: model.apply(variables[0], images, train=False)}
     if two_stage:
       selected = refine.region(out[STAGE1], batch['labels'], config.refine)
@@ -144,6 +174,12 @@ def anomaly_maps(config: ml_collections.ConfigDict, model: TrainedModel,
 
 def image_scores(config: ml_collections.ConfigDict, maps: dict[str, np.ndarray]
                  ) -> dict[str, np.ndarray]:
-  """(N,) image scores of every map: max of its `eval.score_filter_size` mean filter."""
+  """(N,) image scores of every map by `eval.score_rule`.
+
+  'mean_filter_max': the max of the `eval.score_filter_size` mean-filtered
+  map (the papers' rule); 'max': the map's maximum.
+  """
+  if config.eval.score_rule == 'max':
+    return {k: v.max(axis=(1, 2)) for k, v in maps.items()}
   score = jax.jit(functools.partial(mean_filter_max, size=config.eval.score_filter_size))
   return {k: np.asarray(score(v)) for k, v in maps.items()}

@@ -1,4 +1,4 @@
-"""Training objectives: SSIM and the stage-1 SSIM + L2 objective.
+"""Training objectives: SSIM, the two-stage model's SSIM + L2, Bauer's masked contrast.
 
 SSIM follows DRAEM's and the two-stage model's PyTorch code: an 11x11
 Gaussian window (sigma 1.5) applied with zero "same" padding, C1 = 0.01^2,
@@ -6,6 +6,28 @@ C2 = 0.03^2, averaged over the full map. dm-pix filters with "valid"
 padding, so its `ssim` is given a `filter_fn` with zero "same" padding. Away
 from a `window // 2` pixel border this map equals scikit-image's Gaussian
 SSIM (which pads by reflection and crops that border before averaging).
+
+Bauer's masked contrast objectives for the self-supervised autoencoder.
+
+Per sample, with network output F = F(X_hat) for a partly modified input
+X_hat, the normal image X, the binary mask M (H, W) of modified pixels,
+M_bar = 1 - M, D = |X_hat - X| (H, W, 3) and lam in [0, 1]:
+
+  (1) lam / |M_bar|_1 * ||M_bar * (F - X)||_2 + (1 - lam) / |M|_1 * ||M * (F - X)||_2
+  (3) lam / |M_bar|_1 * ||M_bar * (F - X)||_2 - (1 - lam) / |D|_1 * ||D * (F - X)||_2
+
+||.||_2 is the Euclidean norm of the whole tensor, |.|_1 its sum; the masks
+broadcast over channels inside the products, but their |.|_1 counts pixels.
+Objective (1) asks for an inpainting of the modified region; objective (3)
+keeps the normal region faithful and pushes the output away from X where the
+input was modified, weighted by how much it was modified. Objective (3) is
+unbounded below on its own: the autoencoder's sigmoid output bounds it.
+
+Degenerate samples are well defined: a term whose normaliser |.|_1 is zero
+contributes 0. That happens when a sample has no modification (M empty,
+D = 0) or when M covers the whole image. Norms use the double-`where`
+pattern, so a norm of an exactly zero tensor has value 0 and gradient 0
+instead of the NaN that differentiating sqrt at 0 would give.
 """
 
 from typing import Callable
@@ -69,3 +91,117 @@ def ssim_l2_loss(prediction: jax.Array, target: jax.Array,
   ssim = jnp.mean(ssim_map(prediction, target, config))
   loss = config.l2_weight * l2 + config.ssim_weight * (1.0 - ssim)
   return loss, {'loss': loss, 'l2': l2, 'ssim': ssim}
+
+
+OBJECTIVES = (1, 3)
+
+
+def _per_sample_sum(x: jax.Array) -> jax.Array:
+  """Sum of (B, ...) over everything but the batch axis."""
+  return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+
+
+def _safe_norm(x: jax.Array) -> jax.Array:
+  """Per-sample Euclidean norm of (B, ...) with a zero gradient at 0."""
+  squared = _per_sample_sum(x * x)
+  positive = squared > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def _safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  """numerator / denominator, and 0 (with zero gradient) where it is 0."""
+  positive = denominator > 0
+  return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
+
+
+def _weighted_error(weights: jax.Array, error: jax.Array,
+                    normaliser: jax.Array) -> jax.Array:
+  """||weights * error||_2 / normaliser per sample."""
+  return _safe_ratio(_safe_norm(weights * error), normaliser)
+
+
+def _terms(output: jax.Array, target: jax.Array, distorted: jax.Array | None,
+           mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Unweighted normal term and modified term (over M, or over D if given)."""
+  error = output.astype(jnp.float32) - target.astype(jnp.float32)
+  mask = mask.astype(jnp.float32)
+  normal = 1.0 - mask
+  normal_term = _weighted_error(normal[..., None], error, _per_sample_sum(normal))
+  if distorted is None:
+    modified_term = _weighted_error(mask[..., None], error, _per_sample_sum(mask))
+  else:
+    difference = jnp.abs(distorted.astype(jnp.float32) - target.astype(jnp.float32))
+    modified_term = _weighted_error(difference, error, _per_sample_sum(difference))
+  return normal_term, modified_term
+
+
+def objective_1(output: jax.Array, target: jax.Array, mask: jax.Array,
+                lam: float | jax.Array) -> jax.Array:
+  """Bauer's objective (1), an inpainting loss, per sample.
+
+  Args:
+    output: network outputs F(X_hat), (B, H, W, C).
+    target: normal images X, (B, H, W, C).
+    mask: masks M of modified pixels, (B, H, W) in {0, 1}.
+    lam: weight of the normal region, in [0, 1].
+
+  Returns:
+    The losses, (B,).
+  """
+  normal_term, modified_term = _terms(output, target, None, mask)
+  return lam * normal_term + (1.0 - lam) * modified_term
+
+
+def objective_3(output: jax.Array, target: jax.Array, distorted: jax.Array,
+                mask: jax.Array, lam: float | jax.Array) -> jax.Array:
+  """Bauer's objective (3), the masked contrast loss, per sample.
+
+  Args:
+    output: network outputs F(X_hat), (B, H, W, C).
+    target: normal images X, (B, H, W, C).
+    distorted: network inputs X_hat, (B, H, W, C).
+    mask: masks M of modified pixels, (B, H, W) in {0, 1}.
+    lam: weight of the normal region, in [0, 1].
+
+  Returns:
+    The losses, (B,).
+  """
+  normal_term, modified_term = _terms(output, target, distorted, mask)
+  return lam * normal_term - (1.0 - lam) * modified_term
+
+
+def masked_contrast_loss(
+    output: jax.Array, target: jax.Array, distorted: jax.Array,
+    mask: jax.Array, config: ml_collections.ConfigDict,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The batch-mean objective chosen by the config, and its terms.
+
+  Args:
+    output: network outputs F(X_hat), (B, H, W, C).
+    target: normal images X, (B, H, W, C).
+    distorted: network inputs X_hat, (B, H, W, C).
+    mask: masks M of modified pixels, (B, H, W) in {0, 1}.
+    config: config section with `objective` (1 or 3) and `lam` (lambda).
+
+  Returns:
+    The scalar loss and batch means of 'loss', 'normal_term' and
+    'modified_term'. The terms are weighted by lam and 1 - lam and reported
+    unsigned: loss = normal_term + modified_term for objective 1 and
+    normal_term - modified_term for objective 3.
+  """
+  if config.objective not in OBJECTIVES:
+    raise ValueError(
+        f'config key `objective` must be one of {OBJECTIVES}; got {config.objective!r}')
+  if not 0.0 <= config.lam <= 1.0:
+    raise ValueError(f'config key `lam` must lie in [0, 1]; got {config.lam!r}')
+  lam = config.lam
+  if config.objective == 1:
+    normal_term, modified_term = _terms(output, target, None, mask)
+    sign = 1.0
+  else:
+    normal_term, modified_term = _terms(output, target, distorted, mask)
+    sign = -1.0
+  normal_term = jnp.mean(lam * normal_term)
+  modified_term = jnp.mean((1.0 - lam) * modified_term)
+  loss = normal_term + sign * modified_term
+  return loss, {'loss': loss, 'normal_term': normal_term, 'modified_term': modified_term}

@@ -24,6 +24,8 @@ METRIC_COLUMNS = (
 )
 
 _ROW_EXPLANATIONS = {
+    'autoencoder': ("Bauer's autoencoder: the squared reconstruction error "
+                    'averaged over the channels, Gaussian-smoothed.'),
     'stage 1': 'the coarse anomaly map of the stage-1 network.',
     'stage 2': ('the re-segmentation by stage 2, restricted to the SLIC '
                 'superpixels that stage 1 flagged.'),
@@ -78,6 +80,13 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
   lines = [header, '-' * len(header)] + [line(*row) for row in rows]
   if means:
     lines += ['-' * len(header)] + [line(*row) for row in means]
+  for result in results:
+    if result.get('area_protocol'):
+      p = result['area_protocol']
+      lines.append(
+          f"{result['category']}: Bauer's protocol (min area {p['min_area']} px, threshold "
+          f"{p['threshold']:.4g}): TPR {p['tpr']:.4f}  TNR {p['tnr']:.4f}  mean "
+          f"{p['mean_tpr_tnr']:.4f}  image F1 {p['image_f1']:.4f}  pixel F1 {p['pixel_f1']:.4f}")
   return '\n'.join(lines)
 
 
@@ -152,6 +161,22 @@ def markdown_report(results: Sequence[dict[str, Any]], title: str,
           f"{r['thresholds']['pixel_quantile']:g}",
           r['thresholds']['num_holdout_images']) for r in with_thresholds],
         right_from=2)
+  with_protocol = [r for r in results if r.get('area_protocol')]
+  if with_protocol:
+    lines += [
+        '', "## Bauer's minimum-area protocol", '',
+        ('The map threshold is the lowest at which no held-out normal image has '
+         'a thresholded component of the minimum defect area; a test image is '
+         'defective when it has one, and its defect pixels are those components.'), '',
+    ]
+    lines += _markdown_table(
+        ['category', 'min area (px)', 'threshold', 'TPR', 'TNR', 'mean', 'image F1',
+         'pixel F1'],
+        [(r['category'], r['area_protocol']['min_area'],
+          f"{r['area_protocol']['threshold']:.4g}",
+          *(f"{r['area_protocol'][k]:.4f}"
+            for k in ('tpr', 'tnr', 'mean_tpr_tnr', 'image_f1', 'pixel_f1')))
+         for r in with_protocol], right_from=1)
   if figures:
     lines += ['', '## Figures']
     for name, path in figures.items():

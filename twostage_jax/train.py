@@ -1,16 +1,19 @@
-"""Training of both stages: TrainState, the pure train step, the loop, restoring.
+"""Training: TrainState, the pure train step, the loop, restoring.
 
-Stage 1 learns the pseudo-anomaly masks from the images. Stage 2 is the same
-network and the same step, trained on stage 1's refined input (refine.py)
-with stage 1 frozen; each stage keeps its own checkpoints under
-`<workdir>/checkpoints/stage<n>`, so either can resume on its own.
+Two methods share the loop (`config.method`). The two-stage model: stage 1
+learns the pseudo-anomaly masks from the images; stage 2 is the same network
+and the same step, trained on stage 1's refined input (refine.py) with stage
+1 frozen. Bauer's autoencoder is a single network (stage 1) that learns to
+reproduce the normal image from a distorted one. Each stage keeps its own
+checkpoints under `<workdir>/checkpoints/stage<n>`, so either can resume on
+its own.
 """
 
 import functools
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -27,8 +30,12 @@ from twostage_jax import parallel
 from twostage_jax import pipeline
 from twostage_jax import refine
 from twostage_jax import synthesis
+from twostage_jax.models import BauerAutoencoder
 from twostage_jax.models import SegmentationNet
 from twostage_jax.models.segmentation import DATA_AXIS
+
+# (prediction, batch) -> (scalar loss, metrics of this device's share).
+Objective = Callable[[jax.Array, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 class TrainState(train_state.TrainState):
@@ -36,10 +43,19 @@ class TrainState(train_state.TrainState):
 
 
 def create_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """The network of `config.method`: the segmentation net or Bauer's autoencoder."""
+  model = config.model
+  if config.method == 'bauer':
+    return BauerAutoencoder(
+        encoder_widths=tuple(model.encoder_widths),
+        sdc_blocks=model.sdc_blocks,
+        sdc_filters=model.sdc_filters,
+        sdc_dilations=tuple(model.sdc_dilations),
+        sdc_kernel=model.sdc_kernel,
+        bn_momentum=model.bn_momentum,
+        bn_epsilon=model.bn_epsilon)
   return SegmentationNet(
-      width=config.model.width,
-      bn_momentum=config.model.bn_momentum,
-      bn_epsilon=config.model.bn_epsilon)
+      width=model.width, bn_momentum=model.bn_momentum, bn_epsilon=model.bn_epsilon)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -72,9 +88,18 @@ def stages_to_train(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return _STAGE_CHOICES[config.stage]
 
 
-def loss_config(config: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
-  """Stage 1's objective is `loss` (SSIM + L2); stage 2's is `stage2.loss`."""
-  return config.loss if stage == 1 else config.stage2.loss
+def objective(config: ml_collections.ConfigDict, stage: int) -> Objective:
+  """The training objective of `stage` of `config.method`.
+
+  Two-stage model: stage 1 `loss` (SSIM + L2 against the mask), stage 2
+  `stage2.loss`. Bauer: the masked contrast objective `loss.objective`
+  between the reconstruction and the normal image ('target').
+  """
+  if config.method == 'bauer':
+    return lambda prediction, batch: losses.masked_contrast_loss(
+        prediction, batch['target'], batch['image'], batch['mask'], config.loss)
+  loss_config = config.loss if stage == 1 else config.stage2.loss
+  return lambda prediction, batch: losses.ssim_l2_loss(prediction, batch['mask'], loss_config)
 
 
 def create_train_state(config: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
@@ -101,13 +126,13 @@ def abstract_train_state(config: ml_collections.ConfigDict,
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
-               loss_config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
+               objective: Objective) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on this device's share of the batch.
 
   Written per device in the pmap style: gradients, metrics and (inside
   BatchNorm) batch statistics are averaged over the `data` axis, so every
   device ends the step with the same state. `key` is this step's PRNG key;
-  the stage-1 network has no stochastic layers and does not draw from it.
+  neither network has stochastic layers, so it is not drawn from.
   """
   del key
 
@@ -115,7 +140,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
     prediction, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats},
         batch['image'], train=True, mutable=['batch_stats'])
-    loss, metrics = losses.ssim_l2_loss(prediction, batch['mask'], loss_config)
+    loss, metrics = objective(prediction, batch)
     return loss, (metrics, updates['batch_stats'])
 
   grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -128,9 +153,7 @@ def make_sampler_factory(config: ml_collections.ConfigDict, stage: int) -> pipel
   """A picklable factory of the workers' training sampler for `stage`."""
   sources = synthesis.load_anomaly_sources(config.anomaly_source_dir, config.image_size)
   slic_dir = os.path.join(data.default_cache_dir(config.cache_dir), 'slic')
-  return functools.partial(
-      synthesis.TrainingSampler, sources, config.synthesis, slic_dir,
-      config.refine if stage == 2 else None)
+  return functools.partial(synthesis.TrainingSampler, sources, config, slic_dir, stage)
 
 
 class _Progress:
@@ -159,8 +182,9 @@ class _Progress:
     self._last_step, self._last_time = step, now
     record.update(stage=self._stage, step=step, learning_rate=float(self._schedule(step - 1)),
                   time=time.time())
-    message = 'stage %d step %d/%d  loss %.4f  (l2 %.4f, ssim %.4f)' % (
-        self._stage, step, self._num_steps, record['loss'], record['l2'], record['ssim'])
+    terms = ', '.join(f'{k} {record[k]:.4f}' for k in sorted(metrics) if k != 'loss')
+    message = 'stage %d step %d/%d  loss %.4f  (%s)' % (
+        self._stage, step, self._num_steps, record['loss'], terms)
     if first:
       message += '  compiled and ran in %.1f s' % elapsed
     else:
@@ -264,7 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: int) -> TrainS
       images, make_sampler_factory(config, stage), plan, start_step,
       config.train.num_steps, config.train.num_workers, config.train.prefetch_batches)
   step_fn = parallel.data_parallel(
-      functools.partial(train_step, loss_config=loss_config(config, stage)), mesh)
+      functools.partial(train_step, objective=objective(config, stage)), mesh)
   step_key = jax.random.fold_in(prng_key(config.seed + 1), stage)
   progress = _Progress(workdir, config, stage, start_step)
 

@@ -1,4 +1,4 @@
-"""Dataset reading: MVTec AD layout folders and the built-in demo dataset."""
+"""Dataset reading: MVTec AD layout folders, folders of new images, the demo dataset."""
 
 from twostage_jax.data.cache import default_cache_dir
 from twostage_jax.data.demo import DEMO_CATEGORIES

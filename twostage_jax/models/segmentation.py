@@ -2,7 +2,7 @@
 
 An encoder-decoder without skip connections (DESIGN.md, "Segmentation
 network"): the missing skips keep the network from copying input texture into
-the map, so it has to recognise the anomaly. Width 128 gives 11,959,681
+the map, so it has to recognise the anomaly. Width 128 gives 11,955,969
 parameters (BatchNorm scale/bias included, running statistics excluded).
 """
 

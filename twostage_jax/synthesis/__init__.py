@@ -1,11 +1,14 @@
-"""Host-side pseudo-anomaly synthesis: DRAEM Perlin blends, SAIM superpixels."""
+"""Host-side training inputs: DRAEM Perlin blends, SAIM superpixels, Bauer's patch distortion."""
 
 from twostage_jax.synthesis.augment import AUGMENTERS
 from twostage_jax.synthesis.augment import random_augment
+from twostage_jax.synthesis.distortion import PatchDistorter
+from twostage_jax.synthesis.geometric import random_geometric
 from twostage_jax.synthesis.perlin import perlin_mask
 from twostage_jax.synthesis.perlin import perlin_noise
 from twostage_jax.synthesis.pseudo_anomaly import PseudoAnomalySynthesizer
 from twostage_jax.synthesis.samples import TrainingSampler
+from twostage_jax.synthesis.samples import augment_settings
 from twostage_jax.synthesis.sources import describe_sources
 from twostage_jax.synthesis.sources import load_anomaly_sources
 from twostage_jax.synthesis.superpixel import SlicCache
@@ -14,14 +17,17 @@ from twostage_jax.synthesis.superpixel import superpixel_mask
 
 __all__ = [
     'AUGMENTERS',
+    'PatchDistorter',
     'PseudoAnomalySynthesizer',
     'SlicCache',
     'TrainingSampler',
+    'augment_settings',
     'describe_sources',
     'load_anomaly_sources',
     'perlin_mask',
     'perlin_noise',
     'random_augment',
+    'random_geometric',
     'slic_labels',
     'superpixel_mask',
 ]

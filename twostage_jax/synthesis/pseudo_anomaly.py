@@ -1,5 +1,7 @@
 """Per-sample pseudo-anomalies: DRAEM's Perlin blends and SAIM's superpixels."""
 
+from typing import Callable
+
 import ml_collections
 import numpy as np
 
@@ -11,8 +13,9 @@ from twostage_jax.synthesis import superpixel
 class PseudoAnomalySynthesizer:
   """Turns a normal image into a (possibly) anomalous one and its mask.
 
-  Per sample: no anomaly with probability 1 - p_anomaly; otherwise a Perlin
-  anomaly with probability p_perlin, else a SAIM superpixel anomaly.
+  Per sample: no anomaly with probability 1 - p_anomaly; otherwise, with
+  probability p_distortion, Bauer's patch distortion (the `distorter`), else
+  a Perlin anomaly with probability p_perlin, else a SAIM superpixel anomaly.
 
   - Perlin: mask M from perlin.perlin_mask; texture = a random source through
     num_augmenters augmenters; beta ~ U(0, beta_max);
@@ -30,7 +33,9 @@ class PseudoAnomalySynthesizer:
 
   def __init__(self, sources: list[np.ndarray],
                config: ml_collections.ConfigDict,
-               slic_cache_dir: str | None = None):
+               slic_cache_dir: str | None = None,
+               distorter: Callable[[np.ndarray, np.random.Generator],
+                                   tuple[np.ndarray, np.ndarray]] | None = None):
     """Builds the synthesizer.
 
     Args:
@@ -39,7 +44,11 @@ class PseudoAnomalySynthesizer:
       config: the synthesis section of the config.
       slic_cache_dir: folder for SLIC labels shared between processes; None
         keeps them in memory only.
+      distorter: the patch distortion (synthesis.PatchDistorter), needed
+        when config.p_distortion > 0.
     """
+    if config.p_distortion > 0 and distorter is None:
+      raise ValueError('synthesis.p_distortion > 0 needs a distorter (PatchDistorter).')
     if not sources:
       raise ValueError('PseudoAnomalySynthesizer needs at least one source.')
     shape = sources[0].shape
@@ -54,6 +63,7 @@ class PseudoAnomalySynthesizer:
         raise ValueError(f'saim_rotations must be multiples of 90: {angle}.')
     self._sources = list(sources)
     self._config = config
+    self._distort = distorter
     self._slic = superpixel.SlicCache(
         config.saim_compactness, config.saim_sigma, slic_cache_dir)
 
@@ -111,6 +121,9 @@ class PseudoAnomalySynthesizer:
     mask = np.zeros(out.shape[:2], np.float32)
     if rng.random() >= self._config.p_anomaly:
       return out, mask
+    # Drawn only when the generator is on, so the papers' stream stays as is.
+    if self._config.p_distortion > 0 and rng.random() < self._config.p_distortion:
+      return self._distort(out, rng)
     if rng.random() < self._config.p_perlin:
       candidate, values = self._perlin(out, rng)
     else:

@@ -1,0 +1,230 @@
+"""Bauer's autoencoder (size, shapes, BatchNorm) and masked contrast objectives."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from twostage_jax import losses
+from twostage_jax.models import BauerAutoencoder
+
+
+def paper_model():
+  return BauerAutoencoder(
+      encoder_widths=(32, 64, 128), sdc_blocks=4, sdc_filters=64,
+      sdc_dilations=(1, 2, 4, 8, 16), sdc_kernel=5, bn_momentum=0.9,
+      bn_epsilon=1e-5, axis_name=None)
+
+
+def small_model(axis_name=None):
+  # Three poolings like the paper (inputs must be multiples of 8), narrow
+  # layers to keep the CPU test fast.
+  return BauerAutoencoder(
+      encoder_widths=(4, 8, 8), sdc_blocks=2, sdc_filters=4,
+      sdc_dilations=(1, 2, 4), sdc_kernel=3, bn_momentum=0.9,
+      bn_epsilon=1e-5, axis_name=axis_name)
+
+
+def test_parameter_count_at_paper_settings():
+  # Hand count: bias-free 3x3 convs of the encoder, 3->32->32, 32->64->64,
+  # 64->128->128; four SDC blocks of five bias-free 5x5 convs with 64 filters
+  # reading 128 channels (first block) or 5 * 64 = 320 (the others); per
+  # decoder level a bias-free 2x2 transposed conv (320->128, 128->64, 64->32)
+  # and a bias-free 3x3 conv keeping the width; BatchNorm scale + bias after
+  # each of these; final 3x3 conv 32->3 with bias.
+  encoder = [(3, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128)]
+  sdc_inputs = [128, 320, 320, 320]
+  upconvs = [(320, 128), (128, 64), (64, 32)]
+  decoder = [(128, 128), (64, 64), (32, 32)]
+  expected = (
+      sum(9 * i * o + 2 * o for i, o in encoder)
+      + sum(5 * (25 * i * 64) + 2 * 320 for i in sdc_inputs)
+      + sum(4 * i * o + 2 * o for i, o in upconvs)
+      + sum(9 * i * o + 2 * o for i, o in decoder)
+      + 9 * 32 * 3 + 3)
+  assert expected == 9_394_115
+  variables = jax.eval_shape(lambda: paper_model().init(
+      jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False))
+  assert sum(x.size for x in jax.tree.leaves(variables['params'])) == expected
+
+
+@pytest.fixture(scope='module')
+def small_variables():
+  # Parameter shapes do not depend on the image size: initialise once, small.
+  # The default axis_name ('data') is only used while training, so
+  # initialising and evaluating outside a mapped context works.
+  return jax.jit(lambda x: small_model(axis_name='data').init(
+      jax.random.key(0, impl='rbg'), x, train=False))(jnp.zeros((1, 16, 16, 3)))
+
+
+def random_images(shape):
+  return jnp.asarray(np.random.default_rng(0).random(shape, np.float32))
+
+
+def test_reconstruction_has_input_shape_values_in_unit_range_and_size_is_checked(
+    small_variables):
+  model = small_model(axis_name='data')
+  x = random_images((2, 64, 64, 3))
+  y = model.apply(small_variables, x, train=False)
+  assert y.shape == (2, 64, 64, 3)
+  assert y.dtype == jnp.float32
+  assert bool(jnp.all((y >= 0.0) & (y <= 1.0)))
+  with pytest.raises(ValueError, match=r'multiples of 8 .*got 60x60'):
+    model.apply(small_variables, jnp.ones((2, 60, 60, 3)), train=False)
+
+
+def test_training_updates_batch_stats_and_averages_them_over_the_data_axis(
+    small_variables):
+  x = random_images((4, 16, 16, 3))
+  _, updates = small_model().apply(
+      small_variables, x, train=True, mutable=['batch_stats'])
+  before = jax.tree.leaves(small_variables['batch_stats'])
+  after = jax.tree.leaves(updates['batch_stats'])
+  assert len(after) == len(before) > 0
+  for old, new in zip(before, after):
+    assert not np.allclose(old, new)
+
+  # Two shards of two images under a named axis give the statistics of the
+  # whole batch of four.
+  def shard_step(shard):
+    return small_model(axis_name='data').apply(
+        small_variables, shard, train=True, mutable=['batch_stats'])[1]
+
+  sharded = jax.vmap(shard_step, axis_name='data')(x.reshape((2, 2) + x.shape[1:]))
+  for whole, per_shard in zip(after, jax.tree.leaves(sharded['batch_stats'])):
+    np.testing.assert_allclose(per_shard[0], whole, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(per_shard[1], whole, rtol=1e-4, atol=1e-6)
+
+
+# A batch of two 2x2 RGB samples with hand-chosen values.
+# Sample 0: X = 0.5 everywhere; pixel (0, 0) is modified, X_hat = (0.9, 0.5,
+# 0.1) there, so M = [[1, 0], [0, 0]] and D = (0.4, 0, 0.4) at (0, 0), 0
+# elsewhere. F - X = (0.2, 0.1, 0.2) at (0, 0), (0.3, 0.4, 0) at (0, 1), 0 at
+# the other two pixels.
+# Sample 1: no modification (M empty, X_hat = X = 0.2), F - X = -0.1 everywhere.
+LAM = 0.7
+
+
+def example_batch():
+  target = np.full((2, 2, 2, 3), 0.5, np.float32)
+  target[1] = 0.2
+  distorted = target.copy()
+  distorted[0, 0, 0] = (0.9, 0.5, 0.1)
+  mask = np.zeros((2, 2, 2), np.float32)
+  mask[0, 0, 0] = 1.0
+  error = np.zeros_like(target)
+  error[0, 0, 0] = (0.2, 0.1, 0.2)
+  error[0, 0, 1] = (0.3, 0.4, 0.0)
+  error[1] = -0.1
+  output = target + error
+  return tuple(jnp.asarray(a) for a in (output, target, distorted, mask))
+
+
+# Sample 0: ||M_bar * (F - X)||_2 = sqrt(0.09 + 0.16) = 0.5 over 3 normal
+# pixels; ||M * (F - X)||_2 = sqrt(0.04 + 0.01 + 0.04) = 0.3 over 1 pixel;
+# ||D * (F - X)||_2 = sqrt(0.08^2 + 0.08^2) = 0.08 sqrt(2), ||D||_1 = 0.8.
+# Sample 1: ||F - X||_2 = sqrt(12 * 0.01) over 4 normal pixels; the modified
+# terms have zero normalisers and vanish.
+NORMAL = (0.5 / 3, math.sqrt(0.12) / 4)
+MODIFIED_1 = (0.3 / 1, 0.0)
+MODIFIED_3 = (0.08 * math.sqrt(2) / 0.8, 0.0)
+HAND_1 = [LAM * n + (1 - LAM) * m for n, m in zip(NORMAL, MODIFIED_1)]
+HAND_3 = [LAM * n - (1 - LAM) * m for n, m in zip(NORMAL, MODIFIED_3)]
+
+
+def loss_config(objective, lam=LAM):
+  return ml_collections.ConfigDict({'objective': objective, 'lam': lam})
+
+
+def test_objectives_match_hand_computation():
+  output, target, distorted, mask = example_batch()
+  np.testing.assert_allclose(
+      losses.objective_1(output, target, mask, LAM), HAND_1, rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.objective_3(output, target, distorted, mask, LAM), HAND_3, rtol=1e-5)
+
+
+def test_lambda_one_keeps_only_the_normal_term():
+  output, target, distorted, mask = example_batch()
+  np.testing.assert_allclose(
+      losses.objective_1(output, target, mask, 1.0), NORMAL, rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.objective_3(output, target, distorted, mask, 1.0), NORMAL, rtol=1e-5)
+
+
+def test_objective_3_pushes_the_output_away_from_x_inside_d_and_towards_it_outside():
+  output, target, distorted, mask = example_batch()
+  loss = lambda f: jnp.sum(losses.objective_3(f, target, distorted, mask, LAM))
+  grad = np.asarray(jax.grad(loss)(output))
+  error = np.asarray(output - target)
+  # Modified pixel (0, 0): the normal term is masked out there; where D > 0
+  # (channels 0 and 2) the gradient has the opposite sign of F - X, so a
+  # descent step moves F away from X; where D = 0 (channel 1) it is zero.
+  assert grad[0, 0, 0, 0] * error[0, 0, 0, 0] < 0
+  assert grad[0, 0, 0, 2] * error[0, 0, 0, 2] < 0
+  assert grad[0, 0, 0, 1] == 0.0
+  # Normal pixels: a descent step moves F towards X.
+  assert grad[0, 0, 1, 0] * error[0, 0, 1, 0] > 0
+  assert grad[0, 0, 1, 1] * error[0, 0, 1, 1] > 0
+  assert np.all(grad[1] * error[1] > 0)
+  # Moving the modified pixel further from X lowers the loss.
+  further = output.at[0, 0, 0].add(0.05 * jnp.sign(output[0, 0, 0] - target[0, 0, 0]))
+  assert float(loss(further)) < float(loss(output))
+
+
+@pytest.mark.parametrize('mask_value', [0.0, 1.0])
+@pytest.mark.parametrize('offset', [0.0, 0.25])
+def test_empty_and_full_masks_give_finite_losses_and_gradients(mask_value, offset):
+  # mask_value 0: no modification (M empty, X_hat = X, so D = 0).
+  # mask_value 1: the whole image is modified. offset 0 makes F - X exactly
+  # zero, where the norm is not differentiable.
+  target = jnp.full((2, 4, 4, 3), 0.4)
+  distorted = target + 0.3 * mask_value
+  mask = jnp.full((2, 4, 4), mask_value)
+  output = target + offset
+  for objective in (1, 3):
+    def loss(f, objective=objective):
+      return losses.masked_contrast_loss(
+          f, target, distorted, mask, loss_config(objective))[0]
+    value, grad = jax.value_and_grad(loss)(output)
+    assert np.isfinite(float(value))
+    assert np.all(np.isfinite(np.asarray(grad)))
+    if offset == 0.0:
+      assert float(value) == 0.0
+  # Per-sample values by hand: empty mask leaves lam * ||F - X||_2 / 16;
+  # full mask leaves -(1 - lam) ||D * (F - X)||_2 / ||D||_1 for objective 3
+  # and (1 - lam) ||F - X||_2 / 16 for objective 1.
+  norm = offset * math.sqrt(48)
+  per_sample_3 = losses.objective_3(output, target, distorted, mask, LAM)
+  per_sample_1 = losses.objective_1(output, target, mask, LAM)
+  if mask_value == 0.0:
+    expected_3 = expected_1 = LAM * norm / 16
+  else:
+    expected_3 = -(1 - LAM) * (0.3 * norm) / (0.3 * 48)
+    expected_1 = (1 - LAM) * norm / 16
+  np.testing.assert_allclose(per_sample_3, [expected_3] * 2, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(per_sample_1, [expected_1] * 2, rtol=1e-5, atol=1e-7)
+
+
+def test_masked_contrast_loss_takes_objective_and_lambda_from_the_config():
+  output, target, distorted, mask = example_batch()
+  loss, metrics = losses.masked_contrast_loss(
+      output, target, distorted, mask, loss_config(1))
+  assert float(loss) == pytest.approx(np.mean(HAND_1), rel=1e-5)
+  assert float(metrics['loss']) == pytest.approx(float(loss))
+  assert float(metrics['normal_term']) == pytest.approx(LAM * np.mean(NORMAL), rel=1e-5)
+  assert float(metrics['modified_term']) == pytest.approx(
+      (1 - LAM) * np.mean(MODIFIED_1), rel=1e-5)
+  loss, metrics = losses.masked_contrast_loss(
+      output, target, distorted, mask, loss_config(3))
+  assert float(loss) == pytest.approx(np.mean(HAND_3), rel=1e-5)
+  assert float(metrics['modified_term']) == pytest.approx(
+      (1 - LAM) * np.mean(MODIFIED_3), rel=1e-5)
+  loss, _ = losses.masked_contrast_loss(
+      output, target, distorted, mask, loss_config(3, lam=1.0))
+  assert float(loss) == pytest.approx(np.mean(NORMAL), rel=1e-5)
+  with pytest.raises(ValueError, match='`objective`'):
+    losses.masked_contrast_loss(output, target, distorted, mask, loss_config(2))

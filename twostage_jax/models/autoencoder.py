@@ -1,0 +1,93 @@
+"""Bauer's convolutional autoencoder for self-supervised anomaly detection.
+
+Bauer, Nakajima and Mueller, "Self-Supervised Training with Autoencoders for
+Visual Anomaly Detection" (2022). A max-pooling encoder, a bottleneck of
+stacked dilated convolution (SDC) blocks and a transposed-convolution decoder
+with a sigmoid output. The SDC blocks see a large context at the coarsest
+scale without further downsampling, so the network can replace a modified
+patch with what its surroundings predict. No skip connections: they would let
+anomalous texture pass straight to the output.
+
+The internal order of an SDC block (parallel dilated convolutions,
+concatenation, BatchNorm, ReLU; no 1x1 reduction) follows the project's
+design brief; the paper's text available to us does not spell it out.
+"""
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from twostage_jax.models.segmentation import DATA_AXIS
+
+
+class BauerAutoencoder(nn.Module):
+  """Maps an image (B, H, W, 3) to its reconstruction (B, H, W, 3) in [0, 1].
+
+  Attributes:
+    encoder_widths: channels of the encoder blocks, each followed by a 2x2
+      max-pool; the decoder mirrors them.
+    sdc_blocks: number of stacked dilated convolution blocks at the bottleneck.
+    sdc_filters: filters of each dilated convolution in a block.
+    sdc_dilations: dilation rates of a block's parallel convolutions; a block
+      outputs len(sdc_dilations) * sdc_filters channels.
+    sdc_kernel: spatial size of the dilated convolutions.
+    bn_momentum: decay of the BatchNorm running statistics.
+    bn_epsilon: BatchNorm variance epsilon.
+    axis_name: mapped axis over which batch statistics are averaged while
+      training (None when the network runs outside a mapped context).
+  """
+
+  encoder_widths: Sequence[int]
+  sdc_blocks: int
+  sdc_filters: int
+  sdc_dilations: Sequence[int]
+  sdc_kernel: int
+  bn_momentum: float
+  bn_epsilon: float
+  axis_name: str | None = DATA_AXIS
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    multiple = 2 ** len(self.encoder_widths)
+    if x.shape[-3] % multiple or x.shape[-2] % multiple:
+      raise ValueError(
+          f'image height and width must be multiples of {multiple} '
+          f'({len(self.encoder_widths)} 2x2 poolings and upsamplings); '
+          f'got {x.shape[-3]}x{x.shape[-2]}')
+    norm = functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=self.bn_momentum,
+        epsilon=self.bn_epsilon,
+        axis_name=self.axis_name if train else None,
+        use_fast_variance=False,
+    )
+
+    def conv_bn_relu(y: jax.Array, features: int) -> jax.Array:
+      y = nn.Conv(features, (3, 3), padding='SAME', use_bias=False)(y)
+      return nn.relu(norm()(y))
+
+    for features in self.encoder_widths:
+      x = conv_bn_relu(x, features)
+      x = conv_bn_relu(x, features)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+
+    kernel = (self.sdc_kernel, self.sdc_kernel)
+    for _ in range(self.sdc_blocks):
+      x = jnp.concatenate([
+          nn.Conv(self.sdc_filters, kernel, padding='SAME',
+                  kernel_dilation=(rate, rate), use_bias=False)(x)
+          for rate in self.sdc_dilations
+      ], axis=-1)
+      x = nn.relu(norm()(x))
+
+    for features in reversed(self.encoder_widths):
+      x = nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding='VALID',
+                           use_bias=False)(x)
+      x = nn.relu(norm()(x))
+      x = conv_bn_relu(x, features)
+    x = nn.Conv(3, (3, 3), padding='SAME')(x)
+    return nn.sigmoid(x.astype(jnp.float32))

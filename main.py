@@ -1,4 +1,7 @@
-"""Trains, evaluates and applies the two-stage anomaly segmentation model.
+"""Trains, evaluates and applies the anomaly segmentation models.
+
+The two-stage model (configs/mvtec.py, configs/demo.py) or Bauer's
+autoencoder (configs/bauer.py), through the same modes:
 
   python main.py --config=configs/demo.py --workdir=runs/demo
   python main.py --config=configs/mvtec.py --workdir=runs/bottle \
@@ -8,6 +11,8 @@
       --config.predict_dir=/data/new_images
   python main.py --config=configs/mvtec.py --workdir=runs/mvtec \
       --config.data_dir=/data/mvtec_ad --config.category=all
+  python main.py --config=configs/bauer.py --workdir=runs/bauer_grid \
+      --config.data_dir=/data/mvtec_ad --config.category=grid
 
 Running the same training command again resumes where it stopped.
 """

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from twostage_jax.models import layers
 from twostage_jax.models.segmentation import DATA_AXIS
 
 
@@ -57,18 +58,8 @@ class BauerAutoencoder(nn.Module):
           f'image height and width must be multiples of {multiple} '
           f'({len(self.encoder_widths)} 2x2 poolings and upsamplings); '
           f'got {x.shape[-3]}x{x.shape[-2]}')
-    norm = functools.partial(
-        nn.BatchNorm,
-        use_running_average=not train,
-        momentum=self.bn_momentum,
-        epsilon=self.bn_epsilon,
-        axis_name=self.axis_name if train else None,
-        use_fast_variance=False,
-    )
-
-    def conv_bn_relu(y: jax.Array, features: int) -> jax.Array:
-      y = nn.Conv(features, (3, 3), padding='SAME', use_bias=False)(y)
-      return nn.relu(norm()(y))
+    norm = layers.batch_norm(train, self.bn_momentum, self.bn_epsilon, self.axis_name)
+    conv_bn_relu = functools.partial(layers.conv_bn_relu, norm=norm)
 
     for features in self.encoder_widths:
       x = conv_bn_relu(x, features)

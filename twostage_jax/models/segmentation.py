@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from twostage_jax.models import layers
+
 # Name of the mapped device axis; BatchNorm statistics are averaged over it.
 DATA_AXIS = 'data'
 
@@ -38,18 +40,8 @@ class SegmentationNet(nn.Module):
       raise ValueError(
           f'image height and width must be multiples of 4 (two 2x2 poolings '
           f'and upsamplings); got {x.shape[-3]}x{x.shape[-2]}')
-    norm = functools.partial(
-        nn.BatchNorm,
-        use_running_average=not train,
-        momentum=self.bn_momentum,
-        epsilon=self.bn_epsilon,
-        axis_name=self.axis_name if train else None,
-        use_fast_variance=False,
-    )
-
-    def conv_bn_relu(y: jax.Array, features: int) -> jax.Array:
-      y = nn.Conv(features, (3, 3), padding='SAME', use_bias=False)(y)
-      return nn.relu(norm()(y))
+    norm = layers.batch_norm(train, self.bn_momentum, self.bn_epsilon, self.axis_name)
+    conv_bn_relu = functools.partial(layers.conv_bn_relu, norm=norm)
 
     def upsample(y: jax.Array) -> jax.Array:
       b, h, w, c = y.shape

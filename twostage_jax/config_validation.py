@@ -4,6 +4,8 @@ from typing import Any, Callable
 
 import ml_collections
 
+from twostage_jax import refine
+
 METHODS = ('two_stage', 'bauer')
 
 # (key, predicate, what the value must be), for every method.
@@ -47,13 +49,13 @@ _METHOD_RULES: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
     'two_stage': (
         ('model.width', lambda v: v > 0, 'positive'),
         ('stage', lambda v: v in ('both', '1', '2'), "'both', '1' or '2'"),
-        ('refine.threshold_rule', lambda v: v in ('absolute', 'relative'),
+        ('refine.threshold_rule', lambda v: v in refine.THRESHOLD_RULES,
          "'absolute' or 'relative'"),
         ('refine.median_size', lambda v: v > 0 and v % 2 == 1, 'a positive odd number'),
         ('refine.n_segments', lambda v: v > 1, 'more than 1'),
         ('refine.compactness', lambda v: v > 0, 'positive'),
         ('refine.sigma', lambda v: v >= 0, '0 or more'),
-        ('refine.combine', lambda v: v in ('sum', 'mean', 'max', 'stage2'),
+        ('refine.combine', lambda v: v in refine.COMBINE_RULES,
          "'sum', 'mean', 'max' or 'stage2'"),
         ('stage2.loss.l2_weight', lambda v: v >= 0, '0 or more'),
         ('stage2.loss.ssim_weight', lambda v: v >= 0, '0 or more'),

@@ -80,7 +80,7 @@ def main(argv: list[str]) -> None:
   parallel.initialize_distributed(ml_collections.ConfigDict({
       'enabled': True, 'coordinator_address': coordinator,
       'num_processes': int(num_processes), 'process_id': int(process_id)}))
-  variables, losses = run(small_config(cache_dir), num_steps=2)
+  variables, losses = run(small_config(cache_dir), num_steps=1)
   if jax.process_index() == 0:
     leaves = {jax.tree_util.keystr(p): v
               for p, v in jax.tree_util.tree_leaves_with_path(variables)}

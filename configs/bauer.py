@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.sdc_kernel = 5
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-5
+  config.model.compute_dtype = 'auto'  # as in configs/mvtec.py
 
   config.loss = ml_collections.ConfigDict()
   config.loss.objective = 3  # 1: inpaint the modified pixels; 3: contrast them

@@ -24,9 +24,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Folder of texture images (e.g. DTD) used as anomaly sources; '' selects
   # the built-in set (scikit-image's bundled textures + procedural textures).
   config.anomaly_source_dir = ''
-  # Where derived data is cached (demo dataset, SLIC labels of the sources);
-  # '' means ~/.cache/twostage_jax.
+  # Where derived data is cached (demo dataset, tfds cache of the categories,
+  # SLIC labels of the sources); '' means ~/.cache/twostage_jax.
   config.cache_dir = ''
+  # 'tfds': the first run writes the category's resized images and masks to
+  # <cache_dir>/tfds/ (tensorflow-datasets, array_record files) and later
+  # runs read them from there; 'none': decode the image files on every run.
+  config.data_cache = 'tfds'
 
   config.demo = ml_collections.ConfigDict()
   config.demo.seed = 0
@@ -78,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.width = 128
   config.model.bn_momentum = 0.9  # = PyTorch momentum 0.1
   config.model.bn_epsilon = 1e-5
+  # Mixed precision: 'bfloat16' computes in bfloat16 with float32 parameters
+  # and optimizer state; 'auto' = bfloat16 on GPU/TPU, float32 on CPU.
+  config.model.compute_dtype = 'auto'
 
   config.loss = ml_collections.ConfigDict()
   config.loss.ssim_window = 11
@@ -109,6 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.lr_decay_factor = 0.2
   config.train.num_workers = 4  # host processes synthesising batches
   config.train.prefetch_batches = 8  # batches built ahead of the device
+  config.train.device_prefetch = 2  # of those, already sent to the devices
   config.train.log_every = 50
   config.train.checkpoint_every = 1000
   config.train.keep_checkpoints = 3

@@ -1,5 +1,6 @@
 """Bauer's autoencoder (size, shapes, BatchNorm) and masked contrast objectives."""
 
+import functools
 import math
 
 import jax
@@ -19,13 +20,13 @@ def paper_model():
       bn_epsilon=1e-5, axis_name=None)
 
 
-def small_model(axis_name=None):
+def small_model(axis_name=None, dtype=jnp.float32):
   # Three poolings like the paper (inputs must be multiples of 8), narrow
   # layers to keep the CPU test fast.
   return BauerAutoencoder(
       encoder_widths=(4, 8, 8), sdc_blocks=2, sdc_filters=4,
       sdc_dilations=(1, 2, 4), sdc_kernel=3, bn_momentum=0.9,
-      bn_epsilon=1e-5, axis_name=axis_name)
+      bn_epsilon=1e-5, axis_name=axis_name, dtype=dtype)
 
 
 def test_parameter_count_at_paper_settings():
@@ -46,9 +47,10 @@ def test_parameter_count_at_paper_settings():
       + sum(9 * i * o + 2 * o for i, o in decoder)
       + 9 * 32 * 3 + 3)
   assert expected == 9_394_115
-  variables = jax.eval_shape(lambda: paper_model().init(
-      jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False))
-  assert sum(x.size for x in jax.tree.leaves(variables['params'])) == expected
+  for model in (paper_model(), paper_model().clone(dtype=jnp.bfloat16)):
+    variables = jax.eval_shape(lambda model=model: model.init(
+        jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False))
+    assert sum(x.size for x in jax.tree.leaves(variables['params'])) == expected
 
 
 @pytest.fixture(scope='module')
@@ -97,6 +99,29 @@ def test_training_updates_batch_stats_and_averages_them_over_the_data_axis(
   for whole, per_shard in zip(after, jax.tree.leaves(sharded['batch_stats'])):
     np.testing.assert_allclose(per_shard[0], whole, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(per_shard[1], whole, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_output(small_variables):
+  assert {leaf.dtype for leaf in jax.tree.leaves(small_variables)} == {jnp.dtype(jnp.float32)}
+  x = random_images((4, 16, 16, 3))
+
+  def apply(model, params):
+    return model.apply({'params': params, 'batch_stats': small_variables['batch_stats']}, x,
+                       train=True, mutable=['batch_stats'])
+
+  half = small_model(dtype=jnp.bfloat16)
+  assert 'bf16' in str(jax.make_jaxpr(lambda p: apply(half, p))(small_variables['params']))
+  # Jitted: op by op, each layer's ops would compile separately.
+  out, updates = jax.jit(functools.partial(apply, half))(small_variables['params'])
+  reference, _ = jax.jit(functools.partial(apply, small_model()))(small_variables['params'])
+  assert out.dtype == jnp.float32
+  assert {leaf.dtype for leaf in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+  assert float(jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference)) < 0.05
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(apply(half, p)[0] ** 2)))(
+      small_variables['params'])
+  for leaf in jax.tree.leaves(grads):
+    assert leaf.dtype == jnp.float32
+    assert np.all(np.isfinite(leaf))
 
 
 # A batch of two 2x2 RGB samples with hand-chosen values.

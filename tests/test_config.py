@@ -28,6 +28,7 @@ def test_paper_recipe_values():
 
 @pytest.mark.parametrize('key, value, message', [
     ('image_size', 30, 'config.image_size = 30 must be a positive multiple of 4'),
+    ('data_cache', 'lmdb', "config.data_cache = 'lmdb' must be 'tfds' or 'none'"),
     ('train.num_workers', -1, 'config.train.num_workers = -1 must be 0'),
     ('synthesis.p_anomaly', 1.5, 'config.synthesis.p_anomaly = 1.5 must be a probability'),
     ('eval.score_filter_size', 20, 'config.eval.score_filter_size = 20 must be a positive odd'),
@@ -40,6 +41,9 @@ def test_paper_recipe_values():
     ('stage2.loss.ssim_weight', -1.0, 'config.stage2.loss.ssim_weight = -1.0 must be 0 or more'),
     ('calibration.holdout_fraction', 1.0, 'config.calibration.holdout_fraction = 1.0 must be'),
     ('calibration.pixel_quantile', 0.0, 'config.calibration.pixel_quantile = 0.0 must be'),
+    ('train.device_prefetch', 0, 'config.train.device_prefetch = 0 must be at least 1'),
+    ('model.compute_dtype', 'float16',
+     "config.model.compute_dtype = 'float16' must be 'auto', 'float32' or 'bfloat16'"),
 ])
 def test_bad_values_are_named(key, value, message):
   config = mvtec.get_config()

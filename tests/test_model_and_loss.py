@@ -1,18 +1,22 @@
 """The segmentation network's shape and size, and the SSIM + L2 objective."""
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 from configs import mvtec
 from twostage_jax import losses
-from twostage_jax.models import SegmentationNet
+from twostage_jax.models import SegmentationNet, layers
 
 
-def count_params(width, image_size=256):
-  model = SegmentationNet(width, 0.9, 1e-5, axis_name=None)
+def count_params(width, image_size=256, dtype=jnp.float32):
+  model = SegmentationNet(width, 0.9, 1e-5, axis_name=None, dtype=dtype)
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False))
   return sum(x.size for x in jax.tree.leaves(variables['params']))
@@ -29,6 +33,7 @@ def test_parameter_count_at_paper_width():
   expected = sum(9 * i * o + 2 * o for i, o in convs) + 9 * w + 1
   assert expected == 11_955_969
   assert count_params(128) == expected
+  assert count_params(128, dtype=jnp.bfloat16) == expected
 
 
 def test_output_is_one_map_per_image_at_input_size():
@@ -85,3 +90,68 @@ def test_ssim_l2_loss_weights_come_from_the_config():
   config.ssim_weight, config.l2_weight = 0.0, 2.0
   loss, _ = losses.ssim_l2_loss(prediction, target, config)
   assert float(loss) == pytest.approx(2.0 * float(terms['l2']), rel=1e-6)
+
+
+def random_normal(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+def test_max_pool_2x2_equals_flax_max_pool_with_its_gradient():
+  # Continuous random values: no window has two equal maxima.
+  x = random_normal((2, 8, 12, 5))
+  cotangent = random_normal((2, 4, 6, 5), seed=1)
+  ours, ours_vjp = jax.vjp(layers.max_pool_2x2, x)
+  flax_pool = lambda y: nn.max_pool(y, (2, 2), strides=(2, 2))
+  theirs, theirs_vjp = jax.vjp(flax_pool, x)
+  np.testing.assert_array_equal(ours, theirs)
+  np.testing.assert_array_equal(ours_vjp(cotangent)[0], theirs_vjp(cotangent)[0])
+  # After a ReLU, windows of zeros tie; the ReLU stops their gradient, so
+  # the network's gradient is the same either way.
+  relu_grad = lambda pool: jax.grad(lambda y: jnp.sum(cotangent * pool(nn.relu(y))))(x - 1.0)
+  np.testing.assert_array_equal(relu_grad(layers.max_pool_2x2), relu_grad(flax_pool))
+
+
+def test_upsample_bilinear_2x_equals_jax_image_resize_with_its_gradient():
+  x = random_normal((2, 5, 7, 3))
+  cotangent = random_normal((2, 10, 14, 3), seed=1)
+  ours, ours_vjp = jax.vjp(layers.upsample_bilinear_2x, x)
+  theirs, theirs_vjp = jax.vjp(lambda y: jax.image.resize(y, (2, 10, 14, 3), 'bilinear'), x)
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(ours_vjp(cotangent)[0], theirs_vjp(cotangent)[0], rtol=0, atol=1e-5)
+
+
+def test_gaussian_filter_is_a_zero_padded_separable_gaussian():
+  x = np.asarray(random_normal((2, 23, 17, 3)))
+  offsets = np.arange(11) - 5.0
+  taps = np.exp(-0.5 * (offsets / 1.5) ** 2)
+  taps /= taps.sum()
+  expected = ndimage.correlate1d(x, taps, axis=1, mode='constant')
+  expected = ndimage.correlate1d(expected, taps, axis=2, mode='constant')
+  ours = losses.gaussian_filter_same(11, 1.5)(jnp.asarray(x))
+  np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_output():
+  model = SegmentationNet(4, 0.9, 1e-5, axis_name=None)
+  half = model.clone(dtype=jnp.bfloat16)
+  x = jnp.asarray(np.random.default_rng(0).random((4, 16, 16, 3), np.float32))
+  variables = jax.jit(lambda y: half.init(jax.random.key(0, impl='rbg'), y, train=False))(x)
+  assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  assert 'bf16' in str(jax.make_jaxpr(lambda v: half.apply(v, x, train=False))(variables))
+
+  def apply(m, params):
+    out, updates = m.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                           train=True, mutable=['batch_stats'])
+    return out, updates['batch_stats']
+
+  # Jitted: op by op, each layer's ops would compile separately.
+  out, stats = jax.jit(functools.partial(apply, half))(variables['params'])
+  reference, _ = jax.jit(functools.partial(apply, model))(variables['params'])
+  assert out.dtype == jnp.float32
+  assert {leaf.dtype for leaf in jax.tree.leaves(stats)} == {jnp.dtype(jnp.float32)}
+  # bfloat16 keeps 8 significant bits: a few percent after 13 layers.
+  assert float(jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference)) < 0.1
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(apply(half, p)[0] ** 2)))(variables['params'])
+  for leaf in jax.tree.leaves(grads):
+    assert leaf.dtype == jnp.float32
+    assert np.all(np.isfinite(leaf))

@@ -1,6 +1,8 @@
 """Host pipeline: per-sample seeds make batches independent of workers and processes."""
 
 import functools
+import os
+from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
@@ -80,3 +82,42 @@ def test_stage2_samples_carry_the_slic_labels_of_the_pseudo_anomalous_image(imag
     expected = synthesis.slic_labels(image, refine.n_segments, refine.compactness, refine.sigma)
     np.testing.assert_array_equal(labels, expected)
     assert labels.dtype == np.int32 and labels.shape == (32, 32)
+
+
+def test_pooled_stage2_batches_keep_every_array_and_dtype(images):
+  factory = make_sampler(32, refine=True)
+  serial = list(pipeline.batches(images, factory, plan(), 0, 5, num_workers=0, prefetch=1))
+  # The first two batches travel through the pipe, the rest in shared memory.
+  pooled = list(pipeline.batches(images, factory, plan(), 0, 5, num_workers=1, prefetch=2))
+  for x, y in zip(serial, pooled, strict=True):
+    assert {k: v.dtype for k, v in x.items()} == {k: v.dtype for k, v in y.items()}
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+
+
+@pytest.mark.skipif(not os.path.isdir('/dev/shm'), reason='needs /dev/shm to list segments')
+def test_leaving_the_pool_early_frees_its_shared_memory(images):
+  def segments():  # SharedMemory names its POSIX segments psm_*
+    return {name for name in os.listdir('/dev/shm') if name.startswith('psm_')}
+
+  before = segments()
+  stream = pipeline.batches(images, make_sampler(32), plan(), 0, 50, num_workers=1, prefetch=2)
+  for step, _ in enumerate(stream):
+    if step == 4:
+      assert segments() - before  # the slots exist while running
+      break
+  stream.close()
+  assert segments() - before == set()
+
+
+def test_a_batch_larger_than_its_slot_is_not_written():
+  slot = shared_memory.SharedMemory(create=True, size=64)
+  try:
+    small = {'a': np.arange(4, dtype=np.float32), 'b': np.ones((2, 2), np.int32)}
+    layout = pipeline._write_to_slot(small, slot)
+    assert layout == [('a', (4,), '<f4', 0), ('b', (2, 2), '<i4', 16)]
+    np.testing.assert_array_equal(np.ndarray((2, 2), np.int32, buffer=slot.buf, offset=16), 1)
+    assert pipeline._write_to_slot({'a': np.zeros(17, np.float32)}, slot) is None
+  finally:
+    slot.close()
+    slot.unlink()

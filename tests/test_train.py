@@ -173,6 +173,7 @@ def test_train_then_evaluate_from_the_checkpoint(cache_dir, tmp_path):
   assert [r['step'] for r in lines] == [1, 2, 4]
   assert 'images_per_s' not in lines[0]  # the first step includes compilation
   assert {'loss', 'l2', 'ssim', 'learning_rate', 'images_per_s'} <= set(lines[1])
+  assert all(0 <= r['data_wait_fraction'] <= 1 for r in lines[1:])
   assert os.listdir(tmp_path / 'checkpoints' / 'stage1') == ['4']  # keeps 1
 
   model = inference.TrainedModel('two_stage', jax.device_get(train.variables_of(state)), 4)
@@ -204,3 +205,42 @@ def test_unknown_demo_category_is_a_clear_error(cache_dir, tmp_path):
   config = make_config(overrides(cache_dir, category='bottle'))
   with pytest.raises(ValueError, match="category 'bottle' is not in the built-in demo"):
     train.train(config, str(tmp_path), 1)
+
+
+def test_compute_dtype_auto_is_float32_on_cpu_and_can_be_set():
+  config = demo.get_config()
+  assert config.model.compute_dtype == 'auto'
+  assert jax.default_backend() == 'cpu' and train.compute_dtype(config) == jax.numpy.float32
+  config.model.compute_dtype = 'bfloat16'
+  assert train.create_model(config).dtype == jax.numpy.bfloat16
+
+
+@pytest.mark.parametrize('method', ['two_stage', 'bauer'])
+def test_bfloat16_training_keeps_float32_state_and_learns(method):
+  from configs import bauer  # pylint: disable=import-outside-toplevel
+  config = bauer.get_config() if method == 'bauer' else demo.get_config()
+  config.update_from_flattened_dict({'image_size': 16, 'model.compute_dtype': 'bfloat16'})
+  if method == 'bauer':
+    config.model.encoder_widths = (4, 8, 8)
+    config.model.sdc_filters = 4
+  else:
+    config.model.width = 4
+  rng = np.random.default_rng(0)
+  images = rng.random((8, 16, 16, 3), dtype=np.float32)
+  masks = (rng.random((8, 16, 16)) < 0.2).astype(np.float32)
+  batch = {'image': images, 'mask': masks, 'target': images * (1 - masks[..., None])}
+  mesh = parallel.make_mesh()
+  state = jax.device_put(train.create_train_state(config, train.prng_key(0)),
+                         parallel.replicated(mesh))
+  step = parallel.data_parallel(
+      lambda s, b, k: train.train_step(s, b, k, train.objective(config, 1)), mesh)
+  batch = jax.device_put(batch, parallel.batch_sharded(mesh))
+  losses = []
+  for i in range(12):
+    state, metrics = step(state, batch, train.prng_key(i))
+    losses.append(float(metrics['loss']))
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+  dtypes = {leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state,
+                                                    state.batch_stats))
+            if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)}
+  assert dtypes == {jax.numpy.dtype('float32')}

@@ -4,6 +4,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from twostage_jax import data
 from twostage_jax import refine
 
 METHODS = ('two_stage', 'bauer')
@@ -12,12 +13,14 @@ METHODS = ('two_stage', 'bauer')
 _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('method', lambda v: v in METHODS, "'two_stage' or 'bauer'"),
     ('image_size', lambda v: v > 0 and v % 4 == 0, 'a positive multiple of 4'),
+    ('data_cache', lambda v: v in data.DATA_CACHES, "'tfds' or 'none'"),
     ('train.global_batch_size', lambda v: v > 0, 'positive'),
     ('train.num_steps', lambda v: v > 0, 'positive'),
     ('train.learning_rate', lambda v: v > 0, 'positive'),
     ('train.lr_decay_fractions', lambda v: all(0 < f < 1 for f in v), 'fractions in (0, 1)'),
     ('train.num_workers', lambda v: v >= 0, '0 (main process) or more'),
     ('train.prefetch_batches', lambda v: v >= 1, 'at least 1'),
+    ('train.device_prefetch', lambda v: v >= 1, 'at least 1'),
     ('train.log_every', lambda v: v > 0, 'positive'),
     ('train.checkpoint_every', lambda v: v > 0, 'positive'),
     ('train.keep_checkpoints', lambda v: v > 0, 'positive'),
@@ -39,6 +42,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('calibration.holdout_fraction', lambda v: 0 <= v < 1, 'in [0, 1)'),
     ('calibration.image_quantile', lambda v: 0 < v <= 1, 'in (0, 1]'),
     ('calibration.pixel_quantile', lambda v: 0 < v <= 1, 'in (0, 1]'),
+    ('model.compute_dtype', lambda v: v in ('auto', 'float32', 'bfloat16'),
+     "'auto', 'float32' or 'bfloat16'"),
     ('eval.batch_size', lambda v: v > 0, 'positive'),
     ('eval.num_examples', lambda v: v >= 0, '0 or more'),
     ('eval.score_filter_size', lambda v: v > 0 and v % 2 == 1, 'a positive odd number'),

@@ -111,7 +111,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   if model is None:
     model = inference.load_model(config, workdir)
-  test = data.load_test_set(data.resolve_data_dir(config), config.category, config.image_size)
+  test = data.category_test_set(config)
   logging.info('evaluating %s (stage 1 step %s, stage 2 step %s) on %d test images',
                config.category, model.stage1_step, model.stage2_step, len(test.images))
   maps = inference.anomaly_maps(config, model, test.images)

@@ -11,8 +11,11 @@ over them.
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
+import json
 import multiprocessing
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -85,20 +88,27 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> TrainedModel:
                       parallel.to_host(train.variables_of(state2)), step2)
 
 
-def superpixels(images: np.ndarray, config: ml_collections.ConfigDict,
-                num_workers: int) -> np.ndarray:
-  """int32 (N, H, W) SLIC labels of uint8 images (`refine` settings).
+def superpixel_batches(images: np.ndarray, config: ml_collections.ConfigDict,
+                       batch_size: int, num_workers: int) -> Iterator[np.ndarray]:
+  """int32 (B, H, W) SLIC labels (`refine` settings) of consecutive batches.
 
-  SLIC holds the GIL, so more than a few images go to spawned processes.
+  SLIC holds the GIL, so with `num_workers` > 0 and more than a few images
+  it runs in spawned processes that work ahead while the device maps the
+  batches already labelled.
   """
   label = functools.partial(
       synthesis.slic_labels, n_segments=config.refine.n_segments,
       compactness=config.refine.compactness, sigma=config.refine.sigma)
+  starts = range(0, len(images), batch_size)
   if num_workers == 0 or len(images) < 4 * num_workers:
-    return np.stack([label(image) for image in images])
+    for start in starts:
+      yield np.stack([label(image) for image in images[start:start + batch_size]])
+    return
   context = multiprocessing.get_context('spawn')
   with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-    return np.stack(list(pool.map(label, images, chunksize=4)))
+    labels = pool.map(label, images, chunksize=max(1, min(4, batch_size // num_workers)))
+    for start in starts:
+      yield np.stack(list(itertools.islice(labels, len(images[start:start + batch_size]))))
 
 
 def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
@@ -121,7 +131,7 @@ def reconstruction_error_map(reconstructions: jax.Array, images: jax.Array,
   return losses.gaussian_filter_same(window, sigma)(error[..., None])[..., 0]
 
 
-def _maps_fn(config: ml_collections.ConfigDict, two_stage: bool):
+def maps_fn(config: ml_collections.ConfigDict, two_stage: bool):
   """Pure (variables, batch) -> {map name: (B, H, W)} for one device's images."""
   model = train.create_model(config)
 
@@ -142,6 +152,13 @@ def _maps_fn(config: ml_collections.ConfigDict, two_stage: bool):
   return maps
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_maps_fn(config_json: str, two_stage: bool, mesh: Mesh):
+  """maps_fn mapped over `mesh`, kept so that later calls reuse its compilation."""
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  return parallel.per_shard(maps_fn(config, two_stage), mesh)
+
+
 def anomaly_maps(config: ml_collections.ConfigDict, model: TrainedModel,
                  images: np.ndarray) -> dict[str, np.ndarray]:
   """float32 (N, H, W) maps of uint8 (N, H, W, 3) images, by map name.
@@ -149,21 +166,23 @@ def anomaly_maps(config: ml_collections.ConfigDict, model: TrainedModel,
   Names: 'stage 1', and with a trained stage 2 also 'stage 2' and
   'combined'. Batches of `eval.batch_size` (rounded up to a multiple of
   the local devices) are split over this process's devices; the last one
-  is padded.
+  is padded. Superpixels of later batches are computed while the device
+  maps earlier ones.
   """
   two_stage = model.stage2 is not None
   mesh = Mesh(np.array(jax.local_devices()), (DATA_AXIS,))
   devices = mesh.devices.size
   batch_size = -(-config.eval.batch_size // devices) * devices
-  infer = parallel.per_shard(_maps_fn(config, two_stage), mesh)
+  infer = _compiled_maps_fn(config.to_json(), two_stage, mesh)
   variables = jax.device_put(
       (model.stage1, model.stage2 if two_stage else {}), parallel.replicated(mesh))
-  inputs = {'image': images}
-  if two_stage:
-    inputs['labels'] = superpixels(images, config, config.train.num_workers)
+  labels = (superpixel_batches(images, config, batch_size, config.train.num_workers)
+            if two_stage else itertools.repeat(None))
   outputs = []
-  for start in range(0, len(images), batch_size):
-    batch = {k: v[start:start + batch_size] for k, v in inputs.items()}
+  for start, batch_labels in zip(range(0, len(images), batch_size), labels):
+    batch = {'image': images[start:start + batch_size]}
+    if batch_labels is not None:
+      batch['labels'] = batch_labels
     count = len(batch['image'])
     batch = {k: np.concatenate([v, np.zeros((batch_size - count,) + v.shape[1:], v.dtype)])
              for k, v in batch.items()}

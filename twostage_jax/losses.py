@@ -30,7 +30,7 @@ pattern, so a norm of an exactly zero tensor has value 0 and gradient 0
 instead of the NaN that differentiating sqrt at 0 would give.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import dm_pix
 import jax
@@ -38,24 +38,34 @@ import jax.numpy as jnp
 import ml_collections
 
 
+def _blur_matrix(size: int, taps: jax.Array) -> jax.Array:
+  """(size, size) matrix of a 1-D 'same' filtering with zero padding.
+
+  Row i holds the taps centred on column i, cut off at the borders: the
+  samples they would weigh outside the signal are the zero padding.
+  """
+  offset = jnp.arange(size)[None, :] - jnp.arange(size)[:, None] + taps.shape[0] // 2
+  inside = (offset >= 0) & (offset < taps.shape[0])
+  return jnp.where(inside, taps[jnp.clip(offset, 0, taps.shape[0] - 1)], 0.0)
+
+
 def gaussian_filter_same(window: int, sigma: float) -> Callable[[jax.Array], jax.Array]:
-  """A separable Gaussian blur of (..., H, W, C) arrays with zero padding."""
+  """A separable Gaussian blur of (..., H, W, C) arrays with zero padding.
+
+  Each 1-D pass multiplies by a banded (H, H) or (W, W) matrix: H or W
+  multiply-adds per pixel instead of `window`, but in a matrix product,
+  which (with its gradient) XLA runs several times faster than the
+  one-channel depthwise convolutions of the direct form.
+  """
   offsets = jnp.arange(window, dtype=jnp.float32) - (window - 1) / 2
   taps = jnp.exp(-0.5 * (offsets / sigma) ** 2)
   taps = taps / taps.sum()
 
   def blur(x: jax.Array) -> jax.Array:
-    lead = x.shape[:-3]
-    h, w, c = x.shape[-3:]
-    y = x.reshape((-1, h, w, c))
-    for kernel_shape in ((window, 1), (1, window)):
-      kernel = jnp.broadcast_to(taps.reshape(kernel_shape + (1, 1)), kernel_shape + (1, c))
-      y = jax.lax.conv_general_dilated(
-          y, kernel.astype(y.dtype), (1, 1), 'SAME',
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-          feature_group_count=c,
-          precision=jax.lax.Precision.HIGHEST)
-    return y.reshape(lead + (h, w, c))
+    rows = _blur_matrix(x.shape[-3], taps).astype(x.dtype)
+    columns = _blur_matrix(x.shape[-2], taps).astype(x.dtype)
+    y = jnp.einsum('ij,...jwc->...iwc', rows, x, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum('vw,...iwc->...ivc', columns, y, precision=jax.lax.Precision.HIGHEST)
 
   return blur
 

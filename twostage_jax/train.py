@@ -28,6 +28,7 @@ from twostage_jax import data
 from twostage_jax import losses
 from twostage_jax import parallel
 from twostage_jax import pipeline
+from twostage_jax import prefetch
 from twostage_jax import refine
 from twostage_jax import synthesis
 from twostage_jax.models import BauerAutoencoder
@@ -42,8 +43,29 @@ class TrainState(train_state.TrainState):
   batch_stats: Any
 
 
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+  """`model.compute_dtype`; 'auto' is bfloat16 on GPU/TPU and float32 on CPU.
+
+  bfloat16 halves activation memory and runs on the tensor cores; CPUs have
+  no fast bfloat16 convolutions, so float32 stays their default.
+  """
+  name = config.model.compute_dtype
+  if name == 'auto':
+    name = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"config.model.compute_dtype = {name!r} must be 'auto', "
+                     f"{' or '.join(map(repr, COMPUTE_DTYPES))}")
+  return COMPUTE_DTYPES[name]
+
+
 def create_model(config: ml_collections.ConfigDict) -> nn.Module:
-  """The network of `config.method`: the segmentation net or Bauer's autoencoder."""
+  """The network of `config.method`: the segmentation net or Bauer's autoencoder.
+
+  Parameters are float32 whatever the compute dtype (mixed precision).
+  """
   model = config.model
   if config.method == 'bauer':
     return BauerAutoencoder(
@@ -53,9 +75,11 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
         sdc_dilations=tuple(model.sdc_dilations),
         sdc_kernel=model.sdc_kernel,
         bn_momentum=model.bn_momentum,
-        bn_epsilon=model.bn_epsilon)
+        bn_epsilon=model.bn_epsilon,
+        dtype=compute_dtype(config))
   return SegmentationNet(
-      width=model.width, bn_momentum=model.bn_momentum, bn_epsilon=model.bn_epsilon)
+      width=model.width, bn_momentum=model.bn_momentum, bn_epsilon=model.bn_epsilon,
+      dtype=compute_dtype(config))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -157,7 +181,7 @@ def make_sampler_factory(config: ml_collections.ConfigDict, stage: int) -> pipel
 
 
 class _Progress:
-  """Prints step, loss, images/s and ETA; appends metrics to metrics.jsonl.
+  """Prints step, loss, images/s, data wait and ETA; appends them to metrics.jsonl.
 
   The first step of a (re)started run includes compilation, so it reports
   its duration instead of a throughput.
@@ -174,7 +198,8 @@ class _Progress:
     self._last_step = start_step
     self._last_time = time.perf_counter()
 
-  def log(self, step: int, metrics: dict[str, jax.Array], first: bool = False) -> None:
+  def log(self, step: int, metrics: dict[str, jax.Array], clock: prefetch.DataWaitClock,
+          first: bool = False) -> None:
     record = {k: float(v) for k, v in jax.device_get(metrics).items()}
     now = time.perf_counter()
     elapsed = now - self._last_time
@@ -189,9 +214,11 @@ class _Progress:
       message += '  compiled and ran in %.1f s' % elapsed
     else:
       record['images_per_s'] = steps_per_s * self._batch
+      record['data_wait_fraction'] = clock.interval_fraction()
       eta = (self._num_steps - step) / max(steps_per_s, 1e-9)
-      message += '  %.1f images/s  ETA %s' % (
-          record['images_per_s'], time.strftime('%H:%M:%S', time.gmtime(eta)))
+      message += '  %.1f images/s  data wait %.1f%%  ETA %s' % (
+          record['images_per_s'], 100 * record['data_wait_fraction'],
+          time.strftime('%H:%M:%S', time.gmtime(eta)))
     logging.info(message)
     if self._writes:
       with open(self._path, 'a') as f:
@@ -234,8 +261,7 @@ def training_images(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.A
   The held-out share (`calibration.holdout_fraction`) never reaches training;
   it calibrates the decision thresholds.
   """
-  images = data.load_train_images(
-      data.resolve_data_dir(config), config.category, config.image_size)
+  images = data.category_train_images(config)
   kept, held_out = data.split_holdout(
       len(images), config.calibration.holdout_fraction, config.seed)
   return images[kept], images[held_out]
@@ -252,9 +278,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: int) -> TrainS
   local_batch = parallel.local_batch_size(config.train.global_batch_size)
   images, held_out = training_images(config)
   logging.info('stage %d: training on %d images of %s/%s at %dx%d (%d held out for '
-               'thresholds); anomaly sources: %s', stage, len(images),
+               'thresholds) in %s; anomaly sources: %s', stage, len(images),
                data.resolve_data_dir(config), config.category, config.image_size,
-               config.image_size, len(held_out),
+               config.image_size, len(held_out), jnp.dtype(compute_dtype(config)).name,
                synthesis.describe_sources(config.anomaly_source_dir))
 
   stage1_variables = None
@@ -292,15 +318,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: int) -> TrainS
   step_key = jax.random.fold_in(prng_key(config.seed + 1), stage)
   progress = _Progress(workdir, config, stage, start_step)
 
-  for step, host_batch in enumerate(host_batches, start=start_step):
-    batch = parallel.to_global_batch(host_batch, mesh)
+  clock = prefetch.DataWaitClock()
+  device_batches = prefetch.prefetch(
+      host_batches, functools.partial(parallel.to_global_batch, mesh=mesh),
+      config.train.device_prefetch, clock)
+  for step, batch in enumerate(device_batches, start=start_step):
     if stage1_variables is not None:
       batch = to_stage2(stage1_variables, batch)
     state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, step))
+    # One step in flight: the time the next fetch blocks is device idle time.
+    metrics = jax.block_until_ready(metrics)
     done = step + 1
+    if step == start_step:
+      clock.reset()  # the first fetch waited for the workers to start
     if step == start_step or done % config.train.log_every == 0 or done == config.train.num_steps:
-      progress.log(done, metrics, first=step == start_step)
+      progress.log(done, metrics, clock, first=step == start_step)
     if done % config.train.checkpoint_every == 0 or done == config.train.num_steps:
       checkpoints.save(done, state, config)
+  logging.info('stage %d: the training loop waited for data %.1f%% of its wall time',
+               stage, 100 * clock.total_fraction())
   checkpoints.close()
   return state

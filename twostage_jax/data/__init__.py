@@ -1,4 +1,4 @@
-"""Dataset reading: MVTec AD layout folders, folders of new images, the demo dataset."""
+"""Dataset reading: MVTec AD layout folders, their tfds cache, new images, the demo set."""
 
 from twostage_jax.data.cache import default_cache_dir
 from twostage_jax.data.demo import DEMO_CATEGORIES
@@ -14,10 +14,14 @@ from twostage_jax.data.mvtec import list_categories
 from twostage_jax.data.mvtec import load_test_set
 from twostage_jax.data.mvtec import load_train_images
 from twostage_jax.data.mvtec import TestSet
+from twostage_jax.data.resolve import category_test_set
+from twostage_jax.data.resolve import category_train_images
+from twostage_jax.data.resolve import DATA_CACHES
 from twostage_jax.data.resolve import resolve_data_dir
 
 __all__ = [
-    'DEMO_CATEGORIES', 'DatasetError', 'FolderImages', 'TestSet', 'default_cache_dir',
+    'DATA_CACHES', 'DEMO_CATEGORIES', 'DatasetError', 'FolderImages', 'TestSet',
+    'category_test_set', 'category_train_images', 'default_cache_dir',
     'ensure_demo_dataset', 'image_size_of', 'list_categories', 'load_image_folder',
     'load_test_set', 'load_train_images', 'read_mask', 'read_rgb', 'resolve_data_dir',
     'split_holdout',

@@ -1,4 +1,4 @@
-"""Where derived data (demo dataset, cached SLIC labels) is stored."""
+"""Where derived data (demo dataset, tfds cache, SLIC labels) is stored."""
 
 import os
 

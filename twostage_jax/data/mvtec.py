@@ -46,6 +46,36 @@ class TestSet:
   paths: tuple[str, ...]
   defect_types: tuple[str, ...]
 
+  @classmethod
+  def from_examples(cls, images: np.ndarray, masks: np.ndarray,
+                    paths: Sequence[str],
+                    defect_types: Sequence[str]) -> 'TestSet':
+    """A TestSet whose labels follow from the defect types, wherever it was read."""
+    return cls(images=images, masks=masks,
+               labels=np.array([d != GOOD for d in defect_types],
+                               dtype=np.int8),
+               paths=tuple(paths), defect_types=tuple(defect_types))
+
+
+@dataclasses.dataclass(frozen=True)
+class TestFiles:
+  """The files `read_test_set` reads, paths relative to the category folder.
+
+  Listing and reading are separate so that the tfds cache fingerprints
+  exactly the files it then reads.
+
+  Attributes:
+    paths: test images in sorted folder order, e.g. 'test/crack/000.png'.
+    defect_types: the defect folder of each image ('good' for normal ones).
+    mask_paths: the mask of each image, e.g. 'ground_truth/crack/000_mask.png';
+      None for defect-free images.
+  """
+  __test__ = False  # Not a pytest test class despite its name.
+
+  paths: tuple[str, ...]
+  defect_types: tuple[str, ...]
+  mask_paths: tuple[str | None, ...]
+
 
 def _is_visible(name: str) -> bool:
   return not name.startswith('.')
@@ -86,7 +116,7 @@ def list_categories(data_dir: str) -> list[str]:
   ]
 
 
-def _category_dir(data_dir: str, category: str) -> str:
+def category_dir(data_dir: str, category: str) -> str:
   """The category's folder, or an error listing the categories present."""
   _check_data_dir(data_dir)
   folder = os.path.join(data_dir, category)
@@ -97,31 +127,47 @@ def _category_dir(data_dir: str, category: str) -> str:
   return folder
 
 
-def load_train_images(data_dir: str, category: str,
-                      image_size: int) -> np.ndarray:
-  """All defect-free training images, uint8 (N, image_size, image_size, 3)."""
-  folder = os.path.join(_category_dir(data_dir, category), 'train', GOOD)
+def train_files(data_dir: str, category: str) -> tuple[str, ...]:
+  """Training image paths relative to the category folder, sorted by name."""
+  folder = os.path.join(category_dir(data_dir, category), 'train', GOOD)
   if not os.path.isdir(folder):
     raise DatasetError(f'no training images: folder {folder} does not exist')
   names = _image_names(folder)
   if not names:
     raise DatasetError(f'no training images in {folder} (looked for '
                        f'{", ".join(IMAGE_EXTENSIONS)} files)')
-  paths = [os.path.join(folder, name) for name in names]
-  return np.stack(_parallel_map(lambda p: images.read_rgb(p, image_size),
-                                paths))
+  return tuple(f'train/{GOOD}/{name}' for name in names)
 
 
-def _mask_path(category_dir: str, defect: str, image_name: str) -> str:
-  """The mask of a defective image; reports the expected .png if absent."""
+def read_train_images(folder: str, paths: Sequence[str],
+                      image_size: int) -> np.ndarray:
+  """The images at `paths` (relative to `folder`), uint8 (N, S, S, 3)."""
+  return np.stack(_parallel_map(
+      lambda path: images.read_rgb(os.path.join(folder, path), image_size),
+      paths))
+
+
+def load_train_images(data_dir: str, category: str,
+                      image_size: int) -> np.ndarray:
+  """All defect-free training images, uint8 (N, image_size, image_size, 3)."""
+  return read_train_images(category_dir(data_dir, category),
+                           train_files(data_dir, category), image_size)
+
+
+def _mask_path(folder: str, defect: str, image_name: str) -> str:
+  """The mask of a defective image, relative to the category folder.
+
+  Raises:
+    DatasetError: no mask file, naming the expected .png.
+  """
   stem = os.path.splitext(image_name)[0]
-  base = os.path.join(category_dir, 'ground_truth', defect, f'{stem}_mask')
+  base = f'ground_truth/{defect}/{stem}_mask'
   for extension in IMAGE_EXTENSIONS:
-    if os.path.isfile(base + extension):
+    if os.path.isfile(os.path.join(folder, base + extension)):
       return base + extension
-  image_path = os.path.join(category_dir, 'test', defect, image_name)
+  image_path = os.path.join(folder, 'test', defect, image_name)
   raise DatasetError(f'defective test image {image_path} has no mask: '
-                     f'expected {base}.png')
+                     f'expected {os.path.join(folder, base)}.png')
 
 
 def _read_mask_checked(image_path: str, mask_path: str,
@@ -136,37 +182,46 @@ def _read_mask_checked(image_path: str, mask_path: str,
   return images.read_mask(mask_path, image_size)
 
 
-def load_test_set(data_dir: str, category: str, image_size: int) -> TestSet:
-  """The test split: images, pixel masks and labels, in sorted folder order."""
-  category_dir = _category_dir(data_dir, category)
-  test_dir = os.path.join(category_dir, 'test')
+def test_files(data_dir: str, category: str) -> TestFiles:
+  """The test images, their defect types and masks, in sorted folder order."""
+  folder = category_dir(data_dir, category)
+  test_dir = os.path.join(folder, 'test')
   if not os.path.isdir(test_dir):
     raise DatasetError(f'no test images: folder {test_dir} does not exist')
-
   paths, defect_types, mask_paths = [], [], []
   for defect in _subfolders(test_dir):
     for name in _image_names(os.path.join(test_dir, defect)):
       paths.append(f'test/{defect}/{name}')
       defect_types.append(defect)
       mask_paths.append(None if defect == GOOD else
-                        _mask_path(category_dir, defect, name))
+                        _mask_path(folder, defect, name))
   if not paths:
     raise DatasetError(f'no test images in the subfolders of {test_dir}')
+  return TestFiles(tuple(paths), tuple(defect_types), tuple(mask_paths))
+
+
+def read_test_set(folder: str, files: TestFiles, image_size: int) -> TestSet:
+  """Reads the listed test images and masks (paths relative to `folder`)."""
 
   def read(index: int) -> tuple[np.ndarray, np.ndarray]:
-    image_path = os.path.join(category_dir, paths[index])
+    image_path = os.path.join(folder, files.paths[index])
     image = images.read_rgb(image_path, image_size)
-    mask_path = mask_paths[index]
+    mask_path = files.mask_paths[index]
     if mask_path is None:
       mask = np.zeros((image_size, image_size), dtype=bool)
     else:
-      mask = _read_mask_checked(image_path, mask_path, image_size)
+      mask = _read_mask_checked(image_path, os.path.join(folder, mask_path),
+                                image_size)
     return image, mask
 
-  pairs = _parallel_map(read, range(len(paths)))
-  return TestSet(
+  pairs = _parallel_map(read, range(len(files.paths)))
+  return TestSet.from_examples(
       images=np.stack([image for image, _ in pairs]),
       masks=np.stack([mask for _, mask in pairs]),
-      labels=np.array([d != GOOD for d in defect_types], dtype=np.int8),
-      paths=tuple(paths),
-      defect_types=tuple(defect_types))
+      paths=files.paths, defect_types=files.defect_types)
+
+
+def load_test_set(data_dir: str, category: str, image_size: int) -> TestSet:
+  """The test split: images, pixel masks and labels, in sorted folder order."""
+  return read_test_set(category_dir(data_dir, category),
+                       test_files(data_dir, category), image_size)

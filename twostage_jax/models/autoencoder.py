@@ -39,6 +39,8 @@ class BauerAutoencoder(nn.Module):
     bn_epsilon: BatchNorm variance epsilon.
     axis_name: mapped axis over which batch statistics are averaged while
       training (None when the network runs outside a mapped context).
+    dtype: compute dtype of the layers (bfloat16 for mixed precision);
+      parameters and the returned reconstruction are float32 either way.
   """
 
   encoder_widths: Sequence[int]
@@ -49,6 +51,7 @@ class BauerAutoencoder(nn.Module):
   bn_momentum: float
   bn_epsilon: float
   axis_name: str | None = DATA_AXIS
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -58,27 +61,28 @@ class BauerAutoencoder(nn.Module):
           f'image height and width must be multiples of {multiple} '
           f'({len(self.encoder_widths)} 2x2 poolings and upsamplings); '
           f'got {x.shape[-3]}x{x.shape[-2]}')
-    norm = layers.batch_norm(train, self.bn_momentum, self.bn_epsilon, self.axis_name)
-    conv_bn_relu = functools.partial(layers.conv_bn_relu, norm=norm)
+    norm = layers.batch_norm(train, self.bn_momentum, self.bn_epsilon, self.axis_name,
+                             self.dtype)
+    conv_bn_relu = functools.partial(layers.conv_bn_relu, norm=norm, dtype=self.dtype)
 
     for features in self.encoder_widths:
       x = conv_bn_relu(x, features)
       x = conv_bn_relu(x, features)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = layers.max_pool_2x2(x)
 
     kernel = (self.sdc_kernel, self.sdc_kernel)
     for _ in range(self.sdc_blocks):
       x = jnp.concatenate([
-          nn.Conv(self.sdc_filters, kernel, padding='SAME',
-                  kernel_dilation=(rate, rate), use_bias=False)(x)
+          layers.conv(self.sdc_filters, kernel, self.dtype,
+                      kernel_dilation=(rate, rate), use_bias=False)(x)
           for rate in self.sdc_dilations
       ], axis=-1)
       x = nn.relu(norm()(x))
 
     for features in reversed(self.encoder_widths):
       x = nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding='VALID',
-                           use_bias=False)(x)
+                           use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)(x)
       x = nn.relu(norm()(x))
       x = conv_bn_relu(x, features)
-    x = nn.Conv(3, (3, 3), padding='SAME')(x)
+    x = layers.conv(3, (3, 3), self.dtype)(x)
     return nn.sigmoid(x.astype(jnp.float32))

@@ -27,12 +27,15 @@ class SegmentationNet(nn.Module):
     bn_epsilon: BatchNorm variance epsilon.
     axis_name: mapped axis over which batch statistics are averaged while
       training (None when the network runs outside a mapped context).
+    dtype: compute dtype of the layers (bfloat16 for mixed precision);
+      parameters and the returned map are float32 either way.
   """
 
   width: int
   bn_momentum: float
   bn_epsilon: float
   axis_name: str | None = DATA_AXIS
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -40,24 +43,21 @@ class SegmentationNet(nn.Module):
       raise ValueError(
           f'image height and width must be multiples of 4 (two 2x2 poolings '
           f'and upsamplings); got {x.shape[-3]}x{x.shape[-2]}')
-    norm = layers.batch_norm(train, self.bn_momentum, self.bn_epsilon, self.axis_name)
-    conv_bn_relu = functools.partial(layers.conv_bn_relu, norm=norm)
-
-    def upsample(y: jax.Array) -> jax.Array:
-      b, h, w, c = y.shape
-      return jax.image.resize(y, (b, 2 * h, 2 * w, c), 'bilinear')
+    norm = layers.batch_norm(train, self.bn_momentum, self.bn_epsilon, self.axis_name,
+                             self.dtype)
+    conv_bn_relu = functools.partial(layers.conv_bn_relu, norm=norm, dtype=self.dtype)
 
     w = self.width
     for i, features in enumerate((w, 2 * w, 4 * w)):
       x = conv_bn_relu(x, features)
       x = conv_bn_relu(x, features)
       if i < 2:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = upsample(x)
+        x = layers.max_pool_2x2(x)
+    x = layers.upsample_bilinear_2x(x)
     for features in (4 * w, 4 * w, 2 * w):
       x = conv_bn_relu(x, features)
-    x = upsample(x)
+    x = layers.upsample_bilinear_2x(x)
     for features in (2 * w, 2 * w, w):
       x = conv_bn_relu(x, features)
-    x = nn.Conv(1, (3, 3), padding='SAME')(x)
+    x = layers.conv(1, (3, 3), self.dtype)(x)
     return x[..., 0].astype(jnp.float32)

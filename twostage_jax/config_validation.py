@@ -6,6 +6,7 @@ import ml_collections
 
 from twostage_jax import data
 from twostage_jax import refine
+from twostage_jax import train
 
 METHODS = ('two_stage', 'bauer')
 
@@ -42,7 +43,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('calibration.holdout_fraction', lambda v: 0 <= v < 1, 'in [0, 1)'),
     ('calibration.image_quantile', lambda v: 0 < v <= 1, 'in (0, 1]'),
     ('calibration.pixel_quantile', lambda v: 0 < v <= 1, 'in (0, 1]'),
-    ('model.compute_dtype', lambda v: v in ('auto', 'float32', 'bfloat16'),
+    ('model.compute_dtype', lambda v: v == 'auto' or v in train.COMPUTE_DTYPES,
      "'auto', 'float32' or 'bfloat16'"),
     ('eval.batch_size', lambda v: v > 0, 'positive'),
     ('eval.num_examples', lambda v: v >= 0, '0 or more'),

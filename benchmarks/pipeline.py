@@ -78,7 +78,7 @@ def _pool_rate(images: np.ndarray, factory: pipeline.SamplerFactory, workers: in
                steps: int, batch_size: int) -> float:
   """Samples/s that `workers` processes deliver, timed from the first batch."""
   plan = pipeline.BatchPlan(num_images=len(images), global_batch_size=batch_size,
-                            local_batch_size=batch_size, process_index=0, seed=0)
+                            local_batch_size=batch_size, process_index=0, seed=0, stream=1)
   stream = pipeline.batches(images, factory, plan, 0, steps + 1, workers,
                             prefetch=2 * workers)
   next(stream)  # pool start-up and the workers' imports are not counted
@@ -102,25 +102,24 @@ def main() -> None:
   print(f'machine: {machine.describe()}, numpy {np.__version__}')
   print(synthesis.describe_sources(''))
   size = args.image_size
-  sources = synthesis.load_anomaly_sources('', size)
   images = _normal_images(size, np.random.default_rng(0))
   cases = _cases(size)
 
-  with tempfile.TemporaryDirectory(prefix='slic_cache_') as slic_dir:
+  with tempfile.TemporaryDirectory(prefix='source_store_') as cache_dir:
     start = time.perf_counter()
-    warm = synthesis.PseudoAnomalySynthesizer(sources, mvtec.get_config().synthesis, slic_dir)
-    for source in sources:
-      for n in mvtec.get_config().synthesis.saim_n_segments:
-        warm.slic_cache.labels(source, n)
-    print(f'warmed the SLIC cache of the {len(sources)} sources in '
-          f'{time.perf_counter() - start:.1f} s (training does this once per cache)')
+    synthesis_config = mvtec.get_config().synthesis
+    sources = synthesis.build_source_store(
+        '', size, synthesis_config.saim_n_segments, synthesis_config.saim_compactness,
+        synthesis_config.saim_sigma, cache_dir, num_processes=os.cpu_count() or 1)
+    print(f'built the source store of the {len(sources)} sources in '
+          f'{time.perf_counter() - start:.1f} s (training does this once per machine)')
 
     print(f'\n1) one process, {size}x{size}, {args.seconds:g} s per case')
     header = f'{"case":<26}{"samples":>9}{"anomalous":>11}{"samples/s":>11}{"ms/sample":>11}'
     print(header)
     print('-' * len(header))
     for seed, (name, config, stage) in enumerate(cases):
-      sampler = samples.TrainingSampler(sources, config, slic_dir, stage)
+      sampler = samples.TrainingSampler(sources, config, stage)
       rate, count, anomalous = _per_process_rate(sampler, images, args.seconds, seed)
       print(f'{name:<26}{count:>9d}{anomalous:>11.0%}{rate:>11.1f}{1e3 / rate:>11.2f}')
 
@@ -128,7 +127,7 @@ def main() -> None:
           f'({os.cpu_count()} CPUs here)')
     print(f'{"case":<26}' + ''.join(f'{f"{w} worker(s)":>13}' for w in args.workers))
     for name, config, stage in cases[3:]:
-      factory = functools.partial(samples.TrainingSampler, sources, config, slic_dir, stage)
+      factory = functools.partial(samples.TrainingSampler, sources, config, stage)
       steps = args.steps if stage == 1 else max(args.steps // 4, 2)
       rates = [_pool_rate(images, factory, w, steps, args.batch_size) for w in args.workers]
       print(f'{name:<26}' + ''.join(f'{r:>13.1f}' for r in rates))

@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment_by_category[category] = ml_collections.ConfigDict(
         {'rotations': rotations, 'hflip': hflip, 'vflip': vflip})
 
-  # Anomaly map: squared reconstruction error averaged over the channels,
+  # Anomaly map: absolute reconstruction error |F(X) - X| averaged over the channels,
   # Gaussian-smoothed with this sigma (pixels at image_size).
   config.eval.map_sigma = 4.0
   config.eval.score_rule = 'max'

@@ -6,6 +6,7 @@ Usage:
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -96,17 +97,24 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Stage 2 (DESIGN.md "Stage 2"; documented in twostage_jax/refine.py).
   config.refine = ml_collections.ConfigDict()
-  config.refine.threshold_rule = 'absolute'  # or 'relative' (x the map's max)
+  config.refine.threshold_rule = 'absolute'  # or 'relative' (x the map's max), 'tasad'
   config.refine.threshold = 0.5  # midway between the targets 0 and 1
+  # 'tasad': the public code's test-time rule on the 8-bit map (refine.py).
+  config.refine.tasad_th_pix = 0.95  # drop levels more frequent than this x the mode's
+  config.refine.tasad_th_val = 30  # then flag 8-bit levels above this
   config.refine.median_size = 3
   config.refine.n_segments = 250  # SLIC of the input image
   config.refine.compactness = 8.0
   config.refine.sigma = 1.0
   config.refine.combine = 'sum'  # final map; also 'mean', 'max', 'stage2'
 
+  # Stage 2's objective. A None takes the value of `loss` (paper 001: L2 +
+  # SSIM trains "both deep learning models"), so --config.loss.* reaches both
+  # stages; a value set here applies to stage 2 alone (the public code's fine
+  # model uses L2 alone: --config.stage2.loss.ssim_weight=0).
   config.stage2 = ml_collections.ConfigDict()
-  config.stage2.loss = config.loss.copy_and_resolve_references()
-  config.stage2.loss.ssim_weight = 0.0  # the paper's stage 2 uses L2 alone
+  config.stage2.loss = ml_collections.ConfigDict(
+      {key: placeholder(type(value)) for key, value in config.loss.items()})
 
   config.train = ml_collections.ConfigDict()
   config.train.global_batch_size = 8
@@ -127,6 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
   # map, the papers' rule) or 'max' (the map's maximum).
   config.eval.score_rule = 'mean_filter_max'
   config.eval.score_filter_size = 21
+  # Gaussian smoothing (sigma in pixels at image_size) of every reported
+  # map; 0, the papers' choice, reports the networks' maps as they are.
+  config.eval.map_sigma = 0.0
   config.eval.stage1_step = -1  # checkpoint steps to evaluate; -1 = latest
   config.eval.stage2_step = -1
   config.eval.num_examples = 6  # worst and best test images drawn in the report
@@ -144,6 +155,11 @@ def get_config() -> ml_collections.ConfigDict:
   # and scores.csv go ('' = <workdir>/predictions).
   config.predict_dir = ''
   config.predict_output_dir = ''
+
+  # XLA compiler options for the CPU backend, e.g. {'xla_cpu_experimental_ynn_fusion_type':
+  # 'LIBRARY_FUSION_TYPE_REDUCE'} (configs/mvtec_cpu.py); an option the
+  # installed jaxlib does not know is dropped with a warning.
+  config.xla_cpu_options = ml_collections.ConfigDict()
 
   # Multi-host: call jax.distributed.initialize() before anything touches
   # the devices. Empty/negative values are left to JAX's cluster detection

@@ -61,7 +61,8 @@ def run(config: ml_collections.ConfigDict, num_steps: int,
       global_batch_size=config.train.global_batch_size,
       local_batch_size=config.train.global_batch_size // jax.process_count(),
       process_index=jax.process_index(),
-      seed=config.seed)
+      seed=config.seed,
+      stream=1)
   sample = train.make_sampler_factory(config, stage=1)()
   state = jax.device_put(initial_state(config, tx), parallel.replicated(mesh))
   step_fn = parallel.data_parallel(

@@ -3,6 +3,7 @@
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,6 +12,16 @@ import pytest
 
 from twostage_jax import losses
 from twostage_jax.models import BauerAutoencoder
+
+
+def conv_output_dtypes(model, variables, x):
+  """{output channels: dtypes} of every convolution of a forward pass."""
+  _, state = model.apply(variables, x, train=False, mutable=['intermediates'],
+                         capture_intermediates=lambda module, _: isinstance(module, nn.Conv))
+  dtypes = {}
+  for output in jax.tree.leaves(state['intermediates']):
+    dtypes.setdefault(output.shape[-1], set()).add(output.dtype)
+  return dtypes
 
 
 def paper_model():
@@ -29,24 +40,46 @@ def small_model(axis_name=None, dtype=jnp.float32):
       bn_epsilon=1e-5, axis_name=axis_name, dtype=dtype)
 
 
-def test_parameter_count_at_paper_settings():
-  # Hand count: bias-free 3x3 convs of the encoder, 3->32->32, 32->64->64,
-  # 64->128->128; four SDC blocks of five bias-free 5x5 convs with 64 filters
-  # reading 128 channels (first block) or 5 * 64 = 320 (the others); per
-  # decoder level a bias-free 2x2 transposed conv (320->128, 128->64, 64->32)
-  # and a bias-free 3x3 conv keeping the width; BatchNorm scale + bias after
-  # each of these; final 3x3 conv 32->3 with bias.
-  encoder = [(3, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128)]
-  sdc_inputs = [128, 320, 320, 320]
-  upconvs = [(320, 128), (128, 64), (64, 32)]
-  decoder = [(128, 128), (64, 64), (32, 32)]
-  expected = (
-      sum(9 * i * o + 2 * o for i, o in encoder)
-      + sum(5 * (25 * i * 64) + 2 * 320 for i in sdc_inputs)
-      + sum(4 * i * o + 2 * o for i, o in upconvs)
-      + sum(9 * i * o + 2 * o for i, o in decoder)
-      + 9 * 32 * 3 + 3)
-  assert expected == 9_394_115
+# Table 1 of the paper (../shared/papers/004_*), row by row: layer type,
+# number of filters, filter size. An SDC row is five dilated convolutions of
+# that many filters each, concatenated.
+TABLE_1 = (
+    ('conv', 32, 3), ('conv', 32, 3), ('maxpool', None, 2),
+    ('conv', 64, 3), ('conv', 64, 3), ('maxpool', None, 2),
+    ('conv', 128, 3), ('conv', 128, 3), ('maxpool', None, 2),
+    ('sdc', 64, 5), ('sdc', 64, 5), ('sdc', 64, 5), ('sdc', 64, 5),
+    ('conv', 256, 3),
+    ('transp', 256, 3), ('conv', 256, 3), ('conv', 128, 3),
+    ('transp', 128, 3), ('conv', 128, 3), ('conv', 64, 3),
+    ('transp', 64, 3), ('conv', 64, 3), ('conv', 32, 3),
+    ('conv', 3, 1),
+)
+
+
+def table_1_parameter_count() -> int:
+  """Parameters of Table 1's network for RGB input.
+
+  Where the table is silent: a convolution followed by BatchNorm has no bias
+  (BatchNorm's shift replaces it) and BatchNorm adds a scale and a shift per
+  channel (its running statistics are not parameters); the last convolution,
+  which the text says has no BatchNorm, has a bias. An SDC block's BatchNorm
+  counts 2 x 320 whether it normalises each dilated convolution or their
+  concatenation.
+  """
+  channels, total = 3, 0
+  for index, (kind, filters, size) in enumerate(TABLE_1):
+    if kind == 'maxpool':
+      continue
+    outputs = 5 * filters if kind == 'sdc' else filters
+    weights = size * size * channels * outputs
+    last = index == len(TABLE_1) - 1
+    total += weights + (filters if last else 2 * outputs)
+    channels = outputs
+  return total
+
+
+def test_parameter_count_is_that_of_the_papers_table_1():
+  expected = table_1_parameter_count()
   for model in (paper_model(), paper_model().clone(dtype=jnp.bfloat16)):
     variables = jax.eval_shape(lambda model=model: model.init(
         jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False))
@@ -111,6 +144,10 @@ def test_bfloat16_compute_keeps_float32_parameters_and_output(small_variables):
 
   half = small_model(dtype=jnp.bfloat16)
   assert 'bf16' in str(jax.make_jaxpr(lambda p: apply(half, p))(small_variables['params']))
+  # The last layer (three output channels) computes in float32, the others in bfloat16.
+  dtypes = conv_output_dtypes(half, small_variables, x)
+  assert dtypes.pop(3) == {jnp.dtype(jnp.float32)}
+  assert set.union(*dtypes.values()) == {jnp.dtype(jnp.bfloat16)}
   # Jitted: op by op, each layer's ops would compile separately.
   out, updates = jax.jit(functools.partial(apply, half))(small_variables['params'])
   reference, _ = jax.jit(functools.partial(apply, small_model()))(small_variables['params'])
@@ -148,13 +185,16 @@ def example_batch():
   return tuple(jnp.asarray(a) for a in (output, target, distorted, mask))
 
 
+# M and M_bar have the image's shape n x m x 3, so ||M_bar||_1 counts 3
+# elements per normal pixel, like ||D||_1.
 # Sample 0: ||M_bar * (F - X)||_2 = sqrt(0.09 + 0.16) = 0.5 over 3 normal
-# pixels; ||M * (F - X)||_2 = sqrt(0.04 + 0.01 + 0.04) = 0.3 over 1 pixel;
-# ||D * (F - X)||_2 = sqrt(0.08^2 + 0.08^2) = 0.08 sqrt(2), ||D||_1 = 0.8.
-# Sample 1: ||F - X||_2 = sqrt(12 * 0.01) over 4 normal pixels; the modified
-# terms have zero normalisers and vanish.
-NORMAL = (0.5 / 3, math.sqrt(0.12) / 4)
-MODIFIED_1 = (0.3 / 1, 0.0)
+# pixels, ||M_bar||_1 = 9; ||M * (F - X)||_2 = sqrt(0.04 + 0.01 + 0.04) = 0.3,
+# ||M||_1 = 3; ||D * (F - X)||_2 = sqrt(0.08^2 + 0.08^2) = 0.08 sqrt(2),
+# ||D||_1 = 0.8.
+# Sample 1: ||F - X||_2 = sqrt(12 * 0.01) over 4 normal pixels, ||M_bar||_1 =
+# 12; the modified terms have zero normalisers and vanish.
+NORMAL = (0.5 / 9, math.sqrt(0.12) / 12)
+MODIFIED_1 = (0.3 / 3, 0.0)
 MODIFIED_3 = (0.08 * math.sqrt(2) / 0.8, 0.0)
 HAND_1 = [LAM * n + (1 - LAM) * m for n, m in zip(NORMAL, MODIFIED_1)]
 HAND_3 = [LAM * n - (1 - LAM) * m for n, m in zip(NORMAL, MODIFIED_3)]
@@ -219,17 +259,17 @@ def test_empty_and_full_masks_give_finite_losses_and_gradients(mask_value, offse
     assert np.all(np.isfinite(np.asarray(grad)))
     if offset == 0.0:
       assert float(value) == 0.0
-  # Per-sample values by hand: empty mask leaves lam * ||F - X||_2 / 16;
-  # full mask leaves -(1 - lam) ||D * (F - X)||_2 / ||D||_1 for objective 3
-  # and (1 - lam) ||F - X||_2 / 16 for objective 1.
+  # Per-sample values by hand (4 x 4 x 3 = 48 elements): empty mask leaves
+  # lam * ||F - X||_2 / 48; full mask leaves -(1 - lam) ||D * (F - X)||_2 /
+  # ||D||_1 for objective 3 and (1 - lam) ||F - X||_2 / 48 for objective 1.
   norm = offset * math.sqrt(48)
   per_sample_3 = losses.objective_3(output, target, distorted, mask, LAM)
   per_sample_1 = losses.objective_1(output, target, mask, LAM)
   if mask_value == 0.0:
-    expected_3 = expected_1 = LAM * norm / 16
+    expected_3 = expected_1 = LAM * norm / 48
   else:
     expected_3 = -(1 - LAM) * (0.3 * norm) / (0.3 * 48)
-    expected_1 = (1 - LAM) * norm / 16
+    expected_1 = (1 - LAM) * norm / 48
   np.testing.assert_allclose(per_sample_3, [expected_3] * 2, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(per_sample_1, [expected_1] * 2, rtol=1e-5, atol=1e-7)
 

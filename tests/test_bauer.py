@@ -80,7 +80,7 @@ def test_evaluation_reports_the_autoencoder_and_bauer_protocol(trained):
   assert "Bauer's minimum-area protocol" in report_md and '| autoencoder |' in report_md
 
 
-def test_anomaly_map_is_the_smoothed_channel_mean_squared_error(trained):
+def test_anomaly_map_is_the_smoothed_channel_mean_absolute_error(trained):
   config, workdir, _ = trained
   model = inference.load_model(config, workdir)
   rng = np.random.default_rng(0)
@@ -88,7 +88,7 @@ def test_anomaly_map_is_the_smoothed_channel_mean_squared_error(trained):
   maps = inference.anomaly_maps(config, model, images)['autoencoder']
   reconstructions = train.create_model(config).apply(
       model.stage1, jnp.asarray(images, jnp.float32) / 255.0, train=False)
-  error = np.mean((np.asarray(reconstructions) - images / 255.0) ** 2, axis=-1)
+  error = np.mean(np.abs(np.asarray(reconstructions) - images / 255.0), axis=-1)
   expected = scipy.ndimage.gaussian_filter(error, (0, 1.0, 1.0), mode='constant', truncate=3.0)
   np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-7)
   scores = inference.image_scores(config, {'autoencoder': maps})['autoencoder']
@@ -111,8 +111,7 @@ def test_predict_uses_the_autoencoder_map(trained, tmp_path):
 def test_bauer_sampler_returns_distortion_target_and_exact_mask():
   config = bauer.get_config()
   config.category = 'grid'  # all rotations and flips
-  sources = synthesis.load_anomaly_sources('', 32)[:2]
-  sampler = synthesis.TrainingSampler(sources, config, None, 1)
+  sampler = synthesis.TrainingSampler(None, config, 1)  # Bauer's method uses no sources
   image = np.random.default_rng(1).random((32, 32, 3)).astype(np.float32)
   seen = set()
   for seed in range(12):
@@ -142,9 +141,11 @@ def test_patch_distortion_as_a_third_generator_for_the_two_stage_model():
   config = mvtec.get_config()
   config.synthesis.p_anomaly = 1.0
   config.synthesis.p_distortion = 1.0
-  sources = synthesis.load_anomaly_sources('', 32)[:2]
+  sources = synthesis.SourceStore.from_images(
+      synthesis.load_anomaly_sources('', 32)[:2], config.synthesis.saim_n_segments,
+      config.synthesis.saim_compactness, config.synthesis.saim_sigma)
   distorter = synthesis.PatchDistorter(config.distortion)
-  synth = synthesis.PseudoAnomalySynthesizer(sources, config.synthesis, None, distorter)
+  synth = synthesis.PseudoAnomalySynthesizer(sources, config.synthesis, distorter)
   image = np.random.default_rng(2).random((32, 32, 3)).astype(np.float32)
   out, mask = synth(image, np.random.default_rng(5))
   reference = np.random.default_rng(5)
@@ -153,7 +154,7 @@ def test_patch_distortion_as_a_third_generator_for_the_two_stage_model():
   np.testing.assert_array_equal(out, expected)
   np.testing.assert_array_equal(mask, expected_mask)
   with pytest.raises(ValueError, match='p_distortion > 0 needs a distorter'):
-    synthesis.PseudoAnomalySynthesizer(sources, config.synthesis, None)
+    synthesis.PseudoAnomalySynthesizer(sources, config.synthesis)
 
 
 @pytest.mark.parametrize('key, value, message', [

@@ -1,10 +1,13 @@
 """Configs: both recipes are valid, bad values are named in the error."""
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs import demo
 from configs import mvtec
 from twostage_jax import config_validation
+from twostage_jax import train
 
 
 @pytest.mark.parametrize('get_config', [mvtec.get_config, demo.get_config])
@@ -22,8 +25,35 @@ def test_paper_recipe_values():
   refine = config.refine
   assert (refine.n_segments, refine.compactness, refine.sigma) == (250, 8.0, 1.0)
   assert refine.median_size == 3 and refine.combine == 'sum' and config.stage == 'both'
-  assert (config.stage2.loss.l2_weight, config.stage2.loss.ssim_weight) == (1.0, 0.0)
-  assert config.loss.ssim_weight == 1.0  # stage 1 keeps SSIM + L2
+  # Paper 001: L2 + SSIM trains both networks.
+  for stage in (1, 2):
+    loss = train.stage_loss(config, stage)
+    assert (loss.l2_weight, loss.ssim_weight) == (1.0, 1.0)
+  assert refine.threshold_rule == 'absolute' and refine.threshold == 0.5
+  assert (refine.tasad_th_pix, refine.tasad_th_val) == (0.95, 30)
+  assert config.eval.map_sigma == 0.0 and not config.xla_cpu_options
+
+
+def parse_config(*overrides):
+  """The config as main.py's --config flag builds it from command-line overrides."""
+  argv = ['main.py', '--config=configs/mvtec.py', *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def test_loss_overrides_reach_stage_2_unless_stage_2_sets_its_own():
+  config = parse_config('--config.loss.ssim_weight=0.3', '--config.loss.ssim_window=7')
+  assert train.stage_loss(config, 2).ssim_weight == 0.3
+  assert train.stage_loss(config, 2).ssim_window == 7
+  config = parse_config('--config.loss.ssim_weight=0.3', '--config.stage2.loss.ssim_weight=0')
+  assert train.stage_loss(config, 1).ssim_weight == 0.3
+  stage2 = train.stage_loss(config, 2)
+  assert stage2.ssim_weight == 0.0 and isinstance(stage2.ssim_weight, float)
+  assert stage2.l2_weight == 1.0 and config.loss.ssim_weight == 0.3
+  config_validation.validate(config)
 
 
 @pytest.mark.parametrize('key, value, message', [
@@ -36,7 +66,10 @@ def test_paper_recipe_values():
     ('synthesis.saim_n_segments', (), 'must be a non-empty list'),
     ('stage', '3', "config.stage = '3' must be 'both', '1' or '2'"),
     ('refine.combine', 'product', "config.refine.combine = 'product' must be 'sum'"),
-    ('refine.threshold_rule', 'otsu', "must be 'absolute' or 'relative'"),
+    ('refine.threshold_rule', 'otsu', "must be 'absolute' or 'relative' or 'tasad'"),
+    ('refine.tasad_th_pix', 0.0, 'config.refine.tasad_th_pix = 0.0 must be in'),
+    ('refine.tasad_th_val', 255, 'config.refine.tasad_th_val = 255 must be in'),
+    ('eval.map_sigma', -1.0, 'config.eval.map_sigma = -1.0 must be 0 or more'),
     ('refine.median_size', 4, 'config.refine.median_size = 4 must be a positive odd'),
     ('stage2.loss.ssim_weight', -1.0, 'config.stage2.loss.ssim_weight = -1.0 must be 0 or more'),
     ('calibration.holdout_fraction', 1.0, 'config.calibration.holdout_fraction = 1.0 must be'),

@@ -22,6 +22,16 @@ def count_params(width, image_size=256, dtype=jnp.float32):
   return sum(x.size for x in jax.tree.leaves(variables['params']))
 
 
+def conv_output_dtypes(model, variables, x):
+  """{output channels: dtypes} of every convolution of a forward pass."""
+  _, state = model.apply(variables, x, train=False, mutable=['intermediates'],
+                         capture_intermediates=lambda module, _: isinstance(module, nn.Conv))
+  dtypes = {}
+  for output in jax.tree.leaves(state['intermediates']):
+    dtypes.setdefault(output.shape[-1], set()).add(output.dtype)
+  return dtypes
+
+
 def test_parameter_count_at_paper_width():
   # Hand count, w = 128: bias-free 3x3 convs 3->w->w, w->2w->2w, 2w->4w->4w,
   # 4w->4w->4w->2w, 2w->2w->2w->w; 12 BatchNorms (scale + bias); final conv
@@ -138,6 +148,10 @@ def test_bfloat16_compute_keeps_float32_parameters_and_output():
   variables = jax.jit(lambda y: half.init(jax.random.key(0, impl='rbg'), y, train=False))(x)
   assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
   assert 'bf16' in str(jax.make_jaxpr(lambda v: half.apply(v, x, train=False))(variables))
+  # The last layer (one output channel) computes in float32, the others in bfloat16.
+  dtypes = conv_output_dtypes(half, variables, x)
+  assert dtypes.pop(1) == {jnp.dtype(jnp.float32)}
+  assert set.union(*dtypes.values()) == {jnp.dtype(jnp.bfloat16)}
 
   def apply(m, params):
     out, updates = m.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,

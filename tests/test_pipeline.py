@@ -12,10 +12,18 @@ from twostage_jax import pipeline
 from twostage_jax import synthesis
 
 
+@functools.cache
+def source_store(size):
+  synthesis_config = demo.get_config().synthesis
+  return synthesis.SourceStore.from_images(
+      synthesis.load_anomaly_sources('', size)[:4], synthesis_config.saim_n_segments,
+      synthesis_config.saim_compactness, synthesis_config.saim_sigma)
+
+
 def make_sampler(size, refine=False):
   config = demo.get_config()
-  sources = synthesis.load_anomaly_sources('', size)[:4]
-  return functools.partial(synthesis.TrainingSampler, sources, config, None, 2 if refine else 1)
+  return functools.partial(synthesis.TrainingSampler, source_store(size), config,
+                           2 if refine else 1)
 
 
 @pytest.fixture(scope='module')
@@ -23,8 +31,8 @@ def images():
   return np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
 
 
-def plan(num_images=10, global_batch=4, local_batch=4, process=0, seed=3):
-  return pipeline.BatchPlan(num_images, global_batch, local_batch, process, seed)
+def plan(num_images=10, global_batch=4, local_batch=4, process=0, seed=3, stream=1):
+  return pipeline.BatchPlan(num_images, global_batch, local_batch, process, seed, stream)
 
 
 def test_each_epoch_visits_every_image_once():
@@ -61,6 +69,30 @@ def test_batches_are_a_function_of_step_and_seed(images):
     assert batch['mask'].shape == (4, 32, 32)
 
 
+def test_each_stage_has_its_own_stream_of_samples(images):
+  factory = make_sampler(32)
+  first = list(pipeline.batches(images, factory, plan(stream=1), 0, 6, num_workers=0,
+                                prefetch=1))
+  second = list(pipeline.batches(images, factory, plan(stream=2), 0, 6, num_workers=0,
+                                 prefetch=1))
+  order = lambda stream: [i for step in range(6) for _, i in plan(stream=stream).samples(step)]
+  assert order(1) != order(2)
+  assert sorted(order(1)[:10]) == sorted(order(2)[:10]) == list(range(10))
+  for x, y in zip(first, second):
+    assert not np.array_equal(x['image'], y['image'])
+  # The same image in the same epoch gets other pseudo-anomalies.
+  sample = factory()
+  both = []
+  for epoch in range(3):
+    for index, image in enumerate(images):
+      masks = [sample(image.astype(np.float32) / 255, plan(stream=s).rng(epoch, index))['mask']
+               for s in (1, 2)]
+      if masks[0].any() and masks[1].any():
+        both.append(masks)
+  assert len(both) >= 3
+  assert all(not np.array_equal(a, b) for a, b in both)
+
+
 def test_worker_pool_gives_the_same_batches_in_order(images):
   factory = make_sampler(32)
   serial = list(pipeline.batches(images, factory, plan(), 0, 7, num_workers=0, prefetch=1))
@@ -75,7 +107,7 @@ def test_stage2_samples_carry_the_slic_labels_of_the_pseudo_anomalous_image(imag
   stage1 = pipeline.build_batch(images, make_sampler(32)(), plan(), step=2)
   stage2 = pipeline.build_batch(images, make_sampler(32, refine=True)(), plan(), step=2)
   assert set(stage1) == {'image', 'mask'} and set(stage2) == {'image', 'mask', 'labels'}
-  for key in ('image', 'mask'):  # the same stream for both stages
+  for key in ('image', 'mask'):  # one stream: the labels add nothing random
     np.testing.assert_array_equal(stage1[key], stage2[key])
   refine = demo.get_config().refine
   for image, labels in zip(stage2['image'], stage2['labels']):

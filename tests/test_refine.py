@@ -51,6 +51,47 @@ def test_region_equals_the_plain_reference(rule):
   np.testing.assert_array_equal(got, expected)
 
 
+def public_code_region(maps, labels, th_pix, th_val):
+  """The public TASAD code's seg_module, channel layout fixed, maps within [-1, 1]."""
+  out = np.zeros(maps.shape, bool)
+  for i, (m, lab) in enumerate(zip(maps, labels)):
+    levels = np.array(np.abs(m) * 255, dtype=np.uint8)
+    values, counts = np.unique(levels, return_counts=True)
+    rare = values[counts <= th_pix * counts.max()]
+    kept = levels * np.isin(levels, rare[rare > 0])
+    median = scipy.ndimage.median_filter(kept, size=3)
+    out[i] = np.isin(lab, np.unique(lab[median > th_val]))
+  return out
+
+
+@pytest.mark.parametrize('th_pix, th_val', [(0.95, 30), (1.0, 0), (0.5, 60)])
+def test_tasad_rule_equals_the_public_code(th_pix, th_val):
+  rng = np.random.default_rng(1)
+  # A background level shared by most pixels (which th_pix < 1 drops even
+  # though it lies above th_val), smooth blobs, some negative values.
+  blobs = scipy.ndimage.gaussian_filter(rng.random((4, 32, 32)), (0, 2, 2))
+  maps = np.where(blobs > 0.55, blobs, 0.2)
+  maps[1, :4] = -0.6
+  maps[2] = np.where(maps[2] == 0.2, 0.0, maps[2])  # a clean background
+  maps = maps.astype(np.float32)
+  blocks = rng.permutation(64).reshape(8, 8)
+  labels = np.stack([np.kron(np.roll(blocks, i), np.ones((4, 4), int)) for i in range(4)])
+  config = refine_config(threshold_rule='tasad', tasad_th_pix=th_pix, tasad_th_val=th_val)
+  got = refine.region(jnp.asarray(maps), jnp.asarray(labels, jnp.int32), config)
+  expected = public_code_region(maps, labels, th_pix, th_val)
+  assert 0 < expected.sum() < expected.size
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_tasad_rule_drops_the_background_level_and_saturates_above_one():
+  maps = np.full((1, 16, 16), 0.2, np.float32)  # level 51, above th_val 30
+  maps[0, 4:8, 4:8] = 1.3  # level 331: saturates to 255, not the uint8 wrap to 75
+  flags = np.asarray(refine.tasad_flags(jnp.asarray(maps), 0.95, 100))
+  np.testing.assert_array_equal(flags[0], maps[0] > 1)
+  absolute = np.asarray(refine.threshold(jnp.asarray(maps), refine_config(threshold=0.12)))
+  assert absolute.all()  # an absolute cut at the same level keeps the background
+
+
 def test_isolated_pixel_is_dropped_and_a_blob_selects_every_superpixel_it_touches():
   labels = np.kron(np.arange(16).reshape(4, 4), np.ones((8, 8), int))[None]  # 8x8 tiles
   maps = np.zeros((1, 32, 32), np.float32)

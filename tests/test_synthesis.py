@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
+from scipy import ndimage
 
 from configs import mvtec
 from twostage_jax import synthesis
@@ -39,6 +40,13 @@ def _normal_image(seed: int) -> np.ndarray:
 @pytest.fixture(scope='module')
 def builtin_sources() -> list[np.ndarray]:
   return synthesis.load_anomaly_sources('', SIZE)
+
+
+@pytest.fixture(scope='module')
+def store(builtin_sources) -> synthesis.SourceStore:
+  config = _config()
+  return synthesis.SourceStore.from_images(
+      builtin_sources, config.saim_n_segments, config.saim_compactness, config.saim_sigma)
 
 
 # Perlin noise and masks.
@@ -164,19 +172,54 @@ def test_random_augment_applies_distinct_augmenters_in_drawn_order(
   monkeypatch.setattr(augment, 'AUGMENTERS',
                       tuple(recorder(i) for i in range(10)))
   image = _structured_image() // 2
-  out = synthesis.random_augment(image, np.random.default_rng(5), 3)
+  out, labels = synthesis.random_augment(image, np.random.default_rng(5), 3)
   expected = np.random.default_rng(5).choice(10, size=3, replace=False)
   assert calls == expected.tolist()
   np.testing.assert_array_equal(out, image + 3)
+  assert labels is None
 
 
 def test_random_augment_is_seeded_and_copies():
   image = _structured_image()
-  a = synthesis.random_augment(image, np.random.default_rng(7), 3)
-  b = synthesis.random_augment(image, np.random.default_rng(7), 3)
+  a, _ = synthesis.random_augment(image, np.random.default_rng(7), 3)
+  b, _ = synthesis.random_augment(image, np.random.default_rng(7), 3)
   np.testing.assert_array_equal(a, b)
   assert a.dtype == np.uint8 and a.shape == image.shape
   assert a.flags.writeable and not np.shares_memory(a, image)
+
+
+def _block_labels(size: int = SIZE, block: int = 8) -> np.ndarray:
+  return np.kron(np.arange((size // block) ** 2).reshape(size // block, -1),
+                 np.ones((block, block), np.int64))
+
+
+def test_labels_follow_the_rotation_and_ignore_colour_augmenters():
+  labels = _block_labels()
+  # Each block a distinct grey level: any pixel's value names its block.
+  image = np.repeat((labels * 3 + 10).astype(np.uint8)[..., None], 3, axis=-1)
+  for seed in range(8):
+    # All ten augmenters: the rotation is always among them.
+    texture, moved = synthesis.random_augment(
+        image, np.random.default_rng(seed), 10, labels=labels)
+    plain, unused = synthesis.random_augment(image, np.random.default_rng(seed), 10)
+    np.testing.assert_array_equal(texture, plain)  # labels change no draw
+    assert unused is None and moved.dtype == np.int32
+    # The rotation alone, on the block image: nearest neighbour of the same
+    # geometry gives back each pixel's block.
+    rng = np.random.default_rng(seed)
+    order = rng.choice(len(augment.AUGMENTERS), size=10, replace=False)
+    angle = None
+    for index in order:
+      if augment.AUGMENTERS[index] is augment.rotate:
+        angle = augment._rotation_angle(rng)
+        break
+      augment.AUGMENTERS[index](image, rng)
+    turned = np.asarray(Image.fromarray(image[..., 0]).rotate(
+        angle, resample=Image.Resampling.NEAREST))
+    if abs(angle) > 5:
+      assert (moved == augment.OUTSIDE).any()  # corners came in from outside
+    inside = moved >= 0
+    np.testing.assert_array_equal((turned[inside].astype(int) - 10) // 3, moved[inside])
 
 
 # Anomaly sources.
@@ -237,35 +280,6 @@ def test_builtin_sources_are_deterministic(builtin_sources):
 # Superpixels.
 
 
-def test_slic_cache_computes_once_and_reuses_disk(tmp_path, monkeypatch,
-                                                  builtin_sources):
-  calls = []
-  slic = superpixel.segmentation.slic
-
-  def counting_slic(*args, **kwargs):
-    calls.append(kwargs['n_segments'])
-    return slic(*args, **kwargs)
-
-  monkeypatch.setattr(superpixel.segmentation, 'slic', counting_slic)
-  source = builtin_sources[0]
-  cache = synthesis.SlicCache(8.0, 1.0, str(tmp_path))
-  labels = cache.labels(source, 30)
-  np.testing.assert_array_equal(cache.labels(source, 30), labels)
-  assert calls == [30]
-  assert labels.shape == (SIZE, SIZE) and labels.min() == 0
-
-  fresh = synthesis.SlicCache(8.0, 1.0, str(tmp_path))
-  np.testing.assert_array_equal(fresh.labels(source.copy(), 30), labels)
-  assert calls == [30]
-  assert [p.suffix for p in tmp_path.iterdir()] == ['.npy']
-
-  fresh.labels(source, 150)
-  fresh.labels(builtin_sources[1], 30)
-  assert calls == [30, 150, 30]
-  synthesis.SlicCache(8.0, 2.0, str(tmp_path)).labels(source, 30)
-  assert calls == [30, 150, 30, 30]
-
-
 @pytest.mark.parametrize('fraction,expected', [(0.1, 10), (0.25, 25),
                                                 (0.001, 1), (1.0, 100)])
 def test_superpixel_mask_picks_whole_segments(fraction, expected):
@@ -277,6 +291,37 @@ def test_superpixel_mask_picks_whole_segments(fraction, expected):
   assert len(picked) == expected
   np.testing.assert_array_equal(mask, np.isin(labels, picked))
 
+
+def test_superpixel_mask_never_picks_pixels_outside_every_segment():
+  labels = _block_labels()
+  labels[:20] = augment.OUTSIDE
+  for seed in range(20):
+    mask = synthesis.superpixel_mask(labels, np.random.default_rng(seed), 0.5)
+    assert mask.any() and not mask[:20].any()
+  assert not synthesis.superpixel_mask(
+      np.full((4, 4), augment.OUTSIDE), np.random.default_rng(0), 0.5).any()
+
+
+def test_saim_candidate_is_a_union_of_whole_superpixels_of_the_pasted_texture():
+  labels = _block_labels()
+  colours = np.random.default_rng(0).integers(0, 256, size=(labels.max() + 1, 3))
+  source = colours[labels].astype(np.uint8)
+  config = _config(num_augmenters=10, saim_rotations=(90,), saim_fraction=0.2)
+  inner = np.ones((5, 5), bool)
+  for seed in range(6):
+    candidate, texture, moved = synthesis.superpixel_paste(
+        source, labels, np.random.default_rng(seed), config)
+    assert candidate.any() and texture.shape == source.shape
+    for label in np.unique(moved[moved >= 0]):
+      region = moved == label
+      # Whole regions only: every pixel of a region is in, or none is.
+      assert candidate[region].all() or not candidate[region].any()
+      # The regions follow the texture: away from the edges a region is one
+      # colour of the augmented block it came from.
+      core = ndimage.binary_erosion(region, inner)
+      if core.sum() > 4:
+        assert len(np.unique(texture[core].reshape(-1, 3), axis=0)) == 1
+    assert not candidate[moved < 0].any()
 
 # The synthesizer.
 
@@ -294,9 +339,9 @@ def _check_sample(out, mask, image):
 
 
 @pytest.mark.parametrize('p_perlin', [1.0, 0.0], ids=['perlin', 'saim'])
-def test_mask_is_exactly_the_changed_pixels(builtin_sources, p_perlin):
+def test_mask_is_exactly_the_changed_pixels(store, p_perlin):
   synth = synthesis.PseudoAnomalySynthesizer(
-      builtin_sources, _config(p_anomaly=1.0, p_perlin=p_perlin), None)
+      store, _config(p_anomaly=1.0, p_perlin=p_perlin))
   nonempty = 0
   for seed in range(20):
     image = _normal_image(seed)
@@ -308,13 +353,13 @@ def test_mask_is_exactly_the_changed_pixels(builtin_sources, p_perlin):
 
 @pytest.mark.parametrize('p_perlin', [1.0, 0.0], ids=['perlin', 'saim'])
 def test_pixels_equal_to_the_texture_are_not_anomalous(
-    builtin_sources, monkeypatch, p_perlin):
+    store, monkeypatch, p_perlin):
   texture = _structured_image(1)
   monkeypatch.setattr(augment, 'random_augment',
-                      lambda image, rng, num: texture.copy())
+                      lambda image, rng, num, labels=None: (texture.copy(), labels))
   synth = synthesis.PseudoAnomalySynthesizer(
-      builtin_sources,
-      _config(p_anomaly=1.0, p_perlin=p_perlin, saim_rotations=(0,)), None)
+      store,
+      _config(p_anomaly=1.0, p_perlin=p_perlin, saim_rotations=(0,)))
   half = SIZE // 2
   reached_left = 0
   for seed in range(20):
@@ -330,12 +375,12 @@ def test_pixels_equal_to_the_texture_are_not_anomalous(
   assert reached_left >= 5
 
 
-def test_perlin_blend_formula(builtin_sources, monkeypatch):
+def test_perlin_blend_formula(store, monkeypatch):
   texture = np.full((SIZE, SIZE, 3), 200, np.uint8)
   monkeypatch.setattr(augment, 'random_augment',
-                      lambda image, rng, num: texture.copy())
+                      lambda image, rng, num, labels=None: (texture.copy(), labels))
   synth = synthesis.PseudoAnomalySynthesizer(
-      builtin_sources, _config(p_anomaly=1.0, p_perlin=1.0), None)
+      store, _config(p_anomaly=1.0, p_perlin=1.0))
   checked = 0
   for seed in range(10):
     image = _normal_image(seed)
@@ -351,15 +396,15 @@ def test_perlin_blend_formula(builtin_sources, monkeypatch):
   assert checked >= 5
 
 
-def test_superpixel_paste_is_rotated_and_unblended(builtin_sources,
+def test_superpixel_paste_is_rotated_and_unblended(store,
                                                    monkeypatch):
   ramp = np.arange(SIZE, dtype=np.uint8)[None, :, None] * 3
   texture = np.broadcast_to(ramp, (SIZE, SIZE, 3)).copy()
   monkeypatch.setattr(augment, 'random_augment',
-                      lambda image, rng, num: texture.copy())
+                      lambda image, rng, num, labels=None: (texture.copy(), labels))
   synth = synthesis.PseudoAnomalySynthesizer(
-      builtin_sources,
-      _config(p_anomaly=1.0, p_perlin=0.0, saim_rotations=(90,)), None)
+      store,
+      _config(p_anomaly=1.0, p_perlin=0.0, saim_rotations=(90,)))
   for seed in range(5):
     image = _normal_image(seed)
     out, mask = synth(image, np.random.default_rng(seed))
@@ -370,9 +415,9 @@ def test_superpixel_paste_is_rotated_and_unblended(builtin_sources,
     np.testing.assert_array_equal(out[~inside], image[~inside])
 
 
-def test_no_anomaly_returns_the_image(builtin_sources):
+def test_no_anomaly_returns_the_image(store):
   synth = synthesis.PseudoAnomalySynthesizer(
-      builtin_sources, _config(p_anomaly=0.0), None)
+      store, _config(p_anomaly=0.0))
   for seed in range(10):
     image = _normal_image(seed)
     out, mask = synth(image, np.random.default_rng(seed))
@@ -380,9 +425,8 @@ def test_no_anomaly_returns_the_image(builtin_sources):
     assert not mask.any()
 
 
-def test_mixed_stream(builtin_sources):
-  synth = synthesis.PseudoAnomalySynthesizer(builtin_sources, _config(),
-                                             None)
+def test_mixed_stream(store):
+  synth = synthesis.PseudoAnomalySynthesizer(store, _config())
   rng = np.random.default_rng(0)
   empty = 0
   for seed in range(60):
@@ -395,9 +439,9 @@ def test_mixed_stream(builtin_sources):
   assert 20 <= empty <= 50
 
 
-def test_samples_are_seeded(builtin_sources):
+def test_samples_are_seeded(store):
   synth = synthesis.PseudoAnomalySynthesizer(
-      builtin_sources, _config(p_anomaly=1.0), None)
+      store, _config(p_anomaly=1.0))
   image = _normal_image(0)
   draw = lambda seed: synth(image, np.random.default_rng(seed))
   for seed in range(4):
@@ -409,12 +453,17 @@ def test_samples_are_seeded(builtin_sources):
              for i in range(4) for j in range(i + 1, 4))
 
 
-def test_synthesizer_rejects_mismatched_inputs(builtin_sources):
-  synth = synthesis.PseudoAnomalySynthesizer(builtin_sources, _config(),
-                                             None)
+def test_synthesizer_rejects_mismatched_inputs(store):
+  synth = synthesis.PseudoAnomalySynthesizer(store, _config())
   with pytest.raises(ValueError, match='does not match'):
     synth(np.zeros((SIZE + 1, SIZE, 3), np.float32),
           np.random.default_rng(0))
-  with pytest.raises(ValueError, match='square uint8'):
-    synthesis.PseudoAnomalySynthesizer(
-        [np.zeros((SIZE, SIZE + 2, 3), np.uint8)], _config(), None)
+  with pytest.raises(ValueError, match='no SLIC labels for saim_n_segments \\[40\\]'):
+    synthesis.PseudoAnomalySynthesizer(store, _config(saim_n_segments=(30, 40)))
+  with pytest.raises(ValueError, match='square'):
+    synthesis.SourceStore(np.zeros((2, SIZE, SIZE + 2, 3), np.uint8), {})
+  with pytest.raises(ValueError, match=r'uint8 \(N, S, S, 3\)'):
+    synthesis.SourceStore(np.zeros((2, SIZE, SIZE, 3), np.float32), {})
+  with pytest.raises(ValueError, match='n_segments=30 have shape'):
+    synthesis.SourceStore(np.zeros((2, SIZE, SIZE, 3), np.uint8),
+                          {30: np.zeros((2, SIZE, SIZE - 1), np.uint16)})

@@ -49,6 +49,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('eval.num_examples', lambda v: v >= 0, '0 or more'),
     ('eval.score_filter_size', lambda v: v > 0 and v % 2 == 1, 'a positive odd number'),
     ('eval.score_rule', lambda v: v in ('mean_filter_max', 'max'), "'mean_filter_max' or 'max'"),
+    ('eval.map_sigma', lambda v: v >= 0, '0 or more'),
 )
 
 _METHOD_RULES: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
@@ -56,15 +57,19 @@ _METHOD_RULES: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
         ('model.width', lambda v: v > 0, 'positive'),
         ('stage', lambda v: v in ('both', '1', '2'), "'both', '1' or '2'"),
         ('refine.threshold_rule', lambda v: v in refine.THRESHOLD_RULES,
-         "'absolute' or 'relative'"),
+         ' or '.join(map(repr, refine.THRESHOLD_RULES))),
+        ('refine.tasad_th_pix', lambda v: 0 < v <= 1, 'in (0, 1]'),
+        ('refine.tasad_th_val', lambda v: 0 <= v < 255, 'in [0, 255)'),
         ('refine.median_size', lambda v: v > 0 and v % 2 == 1, 'a positive odd number'),
         ('refine.n_segments', lambda v: v > 1, 'more than 1'),
         ('refine.compactness', lambda v: v > 0, 'positive'),
         ('refine.sigma', lambda v: v >= 0, '0 or more'),
         ('refine.combine', lambda v: v in refine.COMBINE_RULES,
          "'sum', 'mean', 'max' or 'stage2'"),
-        ('stage2.loss.l2_weight', lambda v: v >= 0, '0 or more'),
-        ('stage2.loss.ssim_weight', lambda v: v >= 0, '0 or more'),
+        ('stage2.loss.l2_weight', lambda v: v is None or v >= 0,
+         '0 or more, or None (= loss.l2_weight)'),
+        ('stage2.loss.ssim_weight', lambda v: v is None or v >= 0,
+         '0 or more, or None (= loss.ssim_weight)'),
     ),
     'bauer': (
         ('stage', lambda v: v == '1', "'1' (Bauer's model is a single network)"),
@@ -76,7 +81,6 @@ _METHOD_RULES: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
          'a non-empty list of positive dilations'),
         ('loss.objective', lambda v: v in (1, 3), '1 or 3'),
         ('loss.lam', lambda v: 0 <= v <= 1, 'in [0, 1]'),
-        ('eval.map_sigma', lambda v: v >= 0, '0 or more'),
         ('eval.min_defect_fraction', lambda v: 0 < v < 1, 'in (0, 1)'),
     ),
 }

@@ -3,7 +3,7 @@
 Two-stage model: stage 1 maps each image; the refinement (refine.py) keeps
 the SLIC superpixels it flagged; stage 2 maps that masked image; the final
 map combines both. SLIC runs on the host, in worker processes. Bauer's
-autoencoder: the squared reconstruction error averaged over the channels,
+autoencoder: the absolute reconstruction error averaged over the channels,
 Gaussian-smoothed. Networks run on this process's devices, the images split
 over them.
 """
@@ -30,6 +30,7 @@ from twostage_jax import parallel
 from twostage_jax import refine
 from twostage_jax import synthesis
 from twostage_jax import train
+from twostage_jax import xla_options
 from twostage_jax.models.segmentation import DATA_AXIS
 
 Variables = dict[str, Any]
@@ -118,36 +119,44 @@ def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
   return (summed / (size * size)).max(axis=(1, 2))
 
 
-def reconstruction_error_map(reconstructions: jax.Array, images: jax.Array,
-                             sigma: float) -> jax.Array:
-  """Bauer's anomaly map (B, H, W): channel-mean squared error, Gaussian-smoothed.
-
-  The Gaussian window spans 3 sigma on each side; sigma 0 turns smoothing off.
-  """
-  error = jnp.mean((reconstructions - images) ** 2, axis=-1)
+def smooth(maps: jax.Array, sigma: float) -> jax.Array:
+  """Gaussian smoothing of (B, H, W) maps; the window spans 3 sigma each side; 0: none."""
   if sigma == 0:
-    return error
+    return maps
   window = 2 * int(np.ceil(3 * sigma)) + 1
-  return losses.gaussian_filter_same(window, sigma)(error[..., None])[..., 0]
+  return losses.gaussian_filter_same(window, sigma)(maps[..., None])[..., 0]
+
+
+def reconstruction_error_map(reconstructions: jax.Array, images: jax.Array) -> jax.Array:
+  """Bauer's anomaly map (B, H, W): |F(X) - X| averaged over the channels.
+
+  The paper's heatmap averages the per-channel reconstruction difference
+  over the colour channels (and smooths it: `eval.map_sigma`).
+  """
+  return jnp.mean(jnp.abs(reconstructions.astype(jnp.float32) - images), axis=-1)
 
 
 def maps_fn(config: ml_collections.ConfigDict, two_stage: bool):
-  """Pure (variables, batch) -> {map name: (B, H, W)} for one device's images."""
+  """Pure (variables, batch) -> {map name: (B, H, W)} for one device's images.
+
+  Every reported map is smoothed by `eval.map_sigma`; the refinement reads
+  the raw stage-1 map, as in training.
+  """
   model = train.create_model(config)
 
   def maps(variables, batch):
     images = batch['image'].astype(jnp.float32) / 255.0
     if config.method == 'bauer':
       reconstructions = model.apply(variables[0], images, train=False)
-      return {AUTOENCODER: reconstruction_error_map(
-          reconstructions, images, config.eval.map_sigma)}
-    out = {STAGE1: model.apply(variables[0], images, train=False)}
-    if two_stage:
-      selected = refine.region(out[STAGE1], batch['labels'], config.refine)
-      out[STAGE2] = model.apply(
-          variables[1], refine.masked_input(images, selected), train=False)
-      out[COMBINED] = refine.combine(out[STAGE1], out[STAGE2], config.refine.combine)
-    return out
+      out = {AUTOENCODER: reconstruction_error_map(reconstructions, images)}
+    else:
+      out = {STAGE1: model.apply(variables[0], images, train=False)}
+      if two_stage:
+        selected = refine.region(out[STAGE1], batch['labels'], config.refine)
+        out[STAGE2] = model.apply(
+            variables[1], refine.masked_input(images, selected), train=False)
+        out[COMBINED] = refine.combine(out[STAGE1], out[STAGE2], config.refine.combine)
+    return {name: smooth(m, config.eval.map_sigma) for name, m in out.items()}
 
   return maps
 
@@ -156,7 +165,8 @@ def maps_fn(config: ml_collections.ConfigDict, two_stage: bool):
 def _compiled_maps_fn(config_json: str, two_stage: bool, mesh: Mesh):
   """maps_fn mapped over `mesh`, kept so that later calls reuse its compilation."""
   config = ml_collections.ConfigDict(json.loads(config_json))
-  return parallel.per_shard(maps_fn(config, two_stage), mesh)
+  return parallel.per_shard(maps_fn(config, two_stage), mesh,
+                            xla_options.compiler_options(config))
 
 
 def anomaly_maps(config: ml_collections.ConfigDict, model: TrainedModel,

@@ -10,14 +10,15 @@ SSIM (which pads by reflection and crops that border before averaging).
 Bauer's masked contrast objectives for the self-supervised autoencoder.
 
 Per sample, with network output F = F(X_hat) for a partly modified input
-X_hat, the normal image X, the binary mask M (H, W) of modified pixels,
-M_bar = 1 - M, D = |X_hat - X| (H, W, 3) and lam in [0, 1]:
+X_hat, the normal image X, the binary mask M of modified pixels, M_bar = 1 - M,
+D = |X_hat - X| and lam in [0, 1], all of the image's shape (H, W, 3):
 
   (1) lam / |M_bar|_1 * ||M_bar * (F - X)||_2 + (1 - lam) / |M|_1 * ||M * (F - X)||_2
   (3) lam / |M_bar|_1 * ||M_bar * (F - X)||_2 - (1 - lam) / |D|_1 * ||D * (F - X)||_2
 
-||.||_2 is the Euclidean norm of the whole tensor, |.|_1 its sum; the masks
-broadcast over channels inside the products, but their |.|_1 counts pixels.
+||.||_2 is the Euclidean norm of the whole tensor, |.|_1 its sum. The masks
+arrive as (H, W) and are repeated over the channels, as the paper's
+M in {0, 1}^(n x m x 3): |M_bar|_1 and |D|_1 then count the same elements.
 Objective (1) asks for an inpainting of the modified region; objective (3)
 keeps the normal region faithful and pushes the output away from X where the
 input was modified, weighted by how much it was modified. Objective (3) is
@@ -134,11 +135,11 @@ def _terms(output: jax.Array, target: jax.Array, distorted: jax.Array | None,
            mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Unweighted normal term and modified term (over M, or over D if given)."""
   error = output.astype(jnp.float32) - target.astype(jnp.float32)
-  mask = mask.astype(jnp.float32)
+  mask = jnp.broadcast_to(mask.astype(jnp.float32)[..., None], error.shape)
   normal = 1.0 - mask
-  normal_term = _weighted_error(normal[..., None], error, _per_sample_sum(normal))
+  normal_term = _weighted_error(normal, error, _per_sample_sum(normal))
   if distorted is None:
-    modified_term = _weighted_error(mask[..., None], error, _per_sample_sum(mask))
+    modified_term = _weighted_error(mask, error, _per_sample_sum(mask))
   else:
     difference = jnp.abs(distorted.astype(jnp.float32) - target.astype(jnp.float32))
     modified_term = _weighted_error(difference, error, _per_sample_sum(difference))

@@ -58,24 +58,27 @@ def to_global_batch(local_batch: Any, mesh: Mesh) -> Any:
       lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
-def data_parallel(step: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+def data_parallel(step: Callable[..., Any], mesh: Mesh,
+                  compiler_options: dict[str, Any] | None = None) -> Callable[..., Any]:
   """Runs `step(state, batch, key)` on every device of `mesh` at once.
 
   The state and key are replicated, the batch is split along `data`. The
   step is written in the pmap style (explicit `pmean` of gradients), so
   shard_map's varying-value tracking is off: with it on, differentiating
   replicated parameters would already sum gradients over devices. The step
-  must leave its outputs identical on all devices.
+  must leave its outputs identical on all devices. `compiler_options` go to
+  XLA (see xla_options.py).
   """
   mapped = jax.shard_map(
       step, mesh=mesh,
       in_specs=(P(), P(DATA_AXIS), P()),
       out_specs=(P(), P()),
       check_vma=False)
-  return jax.jit(mapped, donate_argnums=0)
+  return jax.jit(mapped, donate_argnums=0, compiler_options=compiler_options or None)
 
 
-def per_shard(fn: Callable[[Any, Any], Any], mesh: Mesh) -> Callable[[Any, Any], Any]:
+def per_shard(fn: Callable[[Any, Any], Any], mesh: Mesh,
+              compiler_options: dict[str, Any] | None = None) -> Callable[[Any, Any], Any]:
   """Runs `fn(replicated, batch) -> batched` on each device's share of the batch.
 
   For per-sample work with no communication between devices (inference,
@@ -83,7 +86,7 @@ def per_shard(fn: Callable[[Any, Any], Any], mesh: Mesh) -> Callable[[Any, Any],
   """
   mapped = jax.shard_map(
       fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS))
-  return jax.jit(mapped)
+  return jax.jit(mapped, compiler_options=compiler_options or None)
 
 
 def to_host(tree: Any) -> Any:

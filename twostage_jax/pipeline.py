@@ -1,10 +1,12 @@
 """Host input pipeline: per-sample seeds, batching and worker processes.
 
-Every training sample is fixed by (seed, epoch, index): the step and the
-position in the global batch give a global sample number, the number gives
-the epoch and the position in that epoch's permutation of the training
+Every training sample is fixed by (seed, stream, epoch, index): the step and
+the position in the global batch give a global sample number, the number
+gives the epoch and the position in that epoch's permutation of the training
 images, and the sample's pseudo-anomaly is drawn from a NumPy Generator
-seeded by (seed, epoch, image index). A run therefore produces the same
+seeded by (seed, stream, epoch, image index). The stream is the training
+stage, so stage 2 learns on pseudo-anomalies of its own, not on the ones
+stage 1 was fitted to. A run therefore produces the same
 batches whatever the number of workers or processes, and a resumed run
 continues the exact stream. This module never imports JAX: it runs in the
 worker processes.
@@ -35,6 +37,7 @@ class BatchPlan:
   local_batch_size: int
   process_index: int
   seed: int
+  stream: int  # the training stage: each has its own order and pseudo-anomalies
 
   def samples(self, step: int) -> list[tuple[int, int]]:
     """(epoch, image index) of this process's samples at `step`."""
@@ -42,13 +45,18 @@ class BatchPlan:
     out = []
     for number in range(first, first + self.local_batch_size):
       epoch, position = divmod(number, self.num_images)
-      out.append((epoch, int(_epoch_order(self.seed, epoch, self.num_images)[position])))
+      order = _epoch_order(self.seed, self.stream, epoch, self.num_images)
+      out.append((epoch, int(order[position])))
     return out
+
+  def rng(self, epoch: int, index: int) -> np.random.Generator:
+    """The generator of the sample of image `index` in `epoch`."""
+    return np.random.default_rng([self.seed, self.stream, epoch, index])
 
 
 @functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, num_images: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(num_images)
+def _epoch_order(seed: int, stream: int, epoch: int, num_images: int) -> np.ndarray:
+  return np.random.default_rng([seed, stream, epoch]).permutation(num_images)
 
 
 def build_batch(images: np.ndarray, sample: Sampler, plan: BatchPlan,
@@ -56,8 +64,7 @@ def build_batch(images: np.ndarray, sample: Sampler, plan: BatchPlan,
   """This process's slice of global batch `step`, each named array stacked."""
   samples = []
   for epoch, index in plan.samples(step):
-    rng = np.random.default_rng([plan.seed, epoch, index])
-    samples.append(sample(images[index].astype(np.float32) / 255.0, rng))
+    samples.append(sample(images[index].astype(np.float32) / 255.0, plan.rng(epoch, index)))
   return {name: np.stack([s[name] for s in samples]) for name in samples[0]}
 
 

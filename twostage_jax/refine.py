@@ -4,7 +4,8 @@ The refinement of the two-stage model (DESIGN.md, "Stage 2"):
 
 1. threshold the stage-1 map (`refine.threshold_rule`):
    'absolute': map >= threshold; 'relative': map >= threshold * the map's
-   maximum over its image;
+   maximum over its image; 'tasad': the rule of the public code's
+   `seg_module` on the 8-bit map (see `tasad_flags`);
 2. 3x3 median filter of that binary map (`refine.median_size`), removing
    isolated pixels; for a binary map the median is the majority of the
    window; borders replicate the edge pixels;
@@ -29,7 +30,34 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-THRESHOLD_RULES = ('absolute', 'relative')
+THRESHOLD_RULES = ('absolute', 'relative', 'tasad')
+_LEVELS = 256
+
+
+def tasad_flags(maps: jax.Array, th_pix: float, th_val: float) -> jax.Array:
+  """bool (B, H, W): the public TASAD code's flags (`seg_module`, `residual_th`).
+
+  That code turns each map into 8-bit levels, floor(|map| * 255); drops every
+  level whose pixel count exceeds th_pix times the count of the most frequent
+  level (with th_pix < 1, the map's background level); then flags the
+  survivors above th_val. It median-filters the 8-bit map before comparing
+  with th_val, which for a 3x3 window equals the majority filter this module
+  applies to the flags (the median of 9 values exceeds th_val exactly when 5
+  of them do). It runs at test time with th_pix 0.95, th_val 30, in training
+  with 1 and 0.
+
+  Two departures, both fixes: levels above 255 saturate, where its uint8 cast
+  of |map| * 255 is undefined beyond 255 (it wraps on common platforms, so a
+  map value of 1.3 reads as level 75); and SLIC segments the image in its
+  real layout, where that code reshapes the channel-first tensor to (H, W, 3)
+  without transposing, segmenting scrambled pixels.
+  """
+  levels = jnp.floor(jnp.minimum(jnp.abs(maps) * (_LEVELS - 1), _LEVELS - 1)).astype(jnp.int32)
+  flat = levels.reshape(levels.shape[0], -1)
+  counts = jax.vmap(lambda x: jnp.bincount(x, length=_LEVELS))(flat)
+  rare = counts <= th_pix * counts.max(axis=1, keepdims=True)
+  kept = jnp.take_along_axis(rare, flat, axis=1).reshape(levels.shape)
+  return kept & (levels > th_val)
 COMBINE_RULES = ('sum', 'mean', 'max', 'stage2')
 
 
@@ -40,6 +68,8 @@ def threshold(maps: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
   if config.threshold_rule == 'relative':
     peak = maps.max(axis=(1, 2), keepdims=True)
     return maps >= config.threshold * peak
+  if config.threshold_rule == 'tasad':
+    return tasad_flags(maps, config.tasad_th_pix, config.tasad_th_val)
   raise ValueError(f'unknown refine.threshold_rule {config.threshold_rule!r}; '
                    f'expected one of {THRESHOLD_RULES}')
 

@@ -31,6 +31,7 @@ from twostage_jax import pipeline
 from twostage_jax import prefetch
 from twostage_jax import refine
 from twostage_jax import synthesis
+from twostage_jax import xla_options
 from twostage_jax.models import BauerAutoencoder
 from twostage_jax.models import SegmentationNet
 from twostage_jax.models.segmentation import DATA_AXIS
@@ -112,17 +113,31 @@ def stages_to_train(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return _STAGE_CHOICES[config.stage]
 
 
+def stage_loss(config: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
+  """The two-stage model's loss settings of `stage`.
+
+  Stage 1 uses `loss`; stage 2 uses `loss` with every key that
+  `stage2.loss` sets (not None) replaced.
+  """
+  if stage == 1:
+    return config.loss
+  merged = config.loss.copy_and_resolve_references()
+  for key, value in config.stage2.loss.items():
+    if value is not None:
+      merged[key] = value
+  return merged
+
+
 def objective(config: ml_collections.ConfigDict, stage: int) -> Objective:
   """The training objective of `stage` of `config.method`.
 
-  Two-stage model: stage 1 `loss` (SSIM + L2 against the mask), stage 2
-  `stage2.loss`. Bauer: the masked contrast objective `loss.objective`
+  Two-stage model: SSIM + L2 against the mask with `stage_loss`. Bauer: the masked contrast objective `loss.objective`
   between the reconstruction and the normal image ('target').
   """
   if config.method == 'bauer':
     return lambda prediction, batch: losses.masked_contrast_loss(
         prediction, batch['target'], batch['image'], batch['mask'], config.loss)
-  loss_config = config.loss if stage == 1 else config.stage2.loss
+  loss_config = stage_loss(config, stage)
   return lambda prediction, batch: losses.ssim_l2_loss(prediction, batch['mask'], loss_config)
 
 
@@ -173,11 +188,27 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
   return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
+def anomaly_sources(config: ml_collections.ConfigDict) -> synthesis.SourceStore:
+  """The memory-mapped store of the anomaly sources and their SLIC labels.
+
+  Built on the first run on a machine (all cores decode and segment the
+  sources) and reused by later runs with the same sources and settings.
+  """
+  synthesis_config = config.synthesis
+  return synthesis.build_source_store(
+      config.anomaly_source_dir, config.image_size, synthesis_config.saim_n_segments,
+      synthesis_config.saim_compactness, synthesis_config.saim_sigma,
+      data.default_cache_dir(config.cache_dir), num_processes=os.cpu_count() or 1)
+
+
 def make_sampler_factory(config: ml_collections.ConfigDict, stage: int) -> pipeline.SamplerFactory:
-  """A picklable factory of the workers' training sampler for `stage`."""
-  sources = synthesis.load_anomaly_sources(config.anomaly_source_dir, config.image_size)
-  slic_dir = os.path.join(data.default_cache_dir(config.cache_dir), 'slic')
-  return functools.partial(synthesis.TrainingSampler, sources, config, slic_dir, stage)
+  """A picklable factory of the workers' training sampler for `stage`.
+
+  It carries the source store by its folder, so every worker maps the same
+  files instead of receiving a copy.
+  """
+  sources = None if config.method == 'bauer' else anomaly_sources(config)
+  return functools.partial(synthesis.TrainingSampler, sources, config, stage)
 
 
 class _Progress:
@@ -290,7 +321,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: int) -> TrainS
     stage1_variables = variables_of(stage1)
     to_stage2 = parallel.per_shard(
         functools.partial(refine.stage2_batch, create_model(config).apply,
-                          config=config.refine), mesh)
+                          config=config.refine), mesh, xla_options.compiler_options(config))
 
   checkpoints = checkpoints_lib.Checkpoints(checkpoint_dir(workdir, stage), config.train)
   start_step = checkpoints.latest_step() or 0
@@ -309,12 +340,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: int) -> TrainS
       global_batch_size=config.train.global_batch_size,
       local_batch_size=local_batch,
       process_index=jax.process_index(),
-      seed=config.seed)  # both stages see the same pseudo-anomaly stream
+      seed=config.seed,
+      stream=stage)
   host_batches = pipeline.batches(
       images, make_sampler_factory(config, stage), plan, start_step,
       config.train.num_steps, config.train.num_workers, config.train.prefetch_batches)
   step_fn = parallel.data_parallel(
-      functools.partial(train_step, objective=objective(config, stage)), mesh)
+      functools.partial(train_step, objective=objective(config, stage)), mesh,
+      xla_options.compiler_options(config))
   step_key = jax.random.fold_in(prng_key(config.seed + 1), stage)
   progress = _Progress(workdir, config, stage, start_step)
 

@@ -1,9 +1,14 @@
 """Bauer's convolutional autoencoder for self-supervised anomaly detection.
 
 Bauer, Nakajima and Mueller, "Self-Supervised Training with Autoencoders for
-Visual Anomaly Detection" (2022). A max-pooling encoder, a bottleneck of
-stacked dilated convolution (SDC) blocks and a transposed-convolution decoder
-with a sigmoid output. The SDC blocks see a large context at the coarsest
+Visual Anomaly Detection" (2022), the architecture of its Table 1: a
+max-pooling encoder, a bottleneck of stacked dilated convolution (SDC) blocks
+and a decoder that mirrors the encoder at twice its widths. With encoder
+widths (32, 64, 128): conv 3x3 256; then per level, from the deepest, a 3x3
+stride-2 transposed convolution and a 3x3 convolution of 256, 128 or 64
+channels (twice the level's encoder width) and a 3x3 convolution of 128, 64
+or 32 (its encoder width); a 1x1 convolution to 3 channels with a sigmoid.
+Every convolution but the last is followed by BatchNorm and ReLU. The SDC blocks see a large context at the coarsest
 scale without further downsampling, so the network can replace a modified
 patch with what its surroundings predict. No skip connections: they would let
 anomalous texture pass straight to the output.
@@ -40,7 +45,8 @@ class BauerAutoencoder(nn.Module):
     axis_name: mapped axis over which batch statistics are averaged while
       training (None when the network runs outside a mapped context).
     dtype: compute dtype of the layers (bfloat16 for mixed precision);
-      parameters and the returned reconstruction are float32 either way.
+      parameters, the last layer and the returned reconstruction are
+      float32 either way.
   """
 
   encoder_widths: Sequence[int]
@@ -79,10 +85,12 @@ class BauerAutoencoder(nn.Module):
       ], axis=-1)
       x = nn.relu(norm()(x))
 
+    x = conv_bn_relu(x, 2 * self.encoder_widths[-1])
     for features in reversed(self.encoder_widths):
-      x = nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding='VALID',
+      x = nn.ConvTranspose(2 * features, (3, 3), strides=(2, 2), padding='SAME',
                            use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)(x)
       x = nn.relu(norm()(x))
+      x = conv_bn_relu(x, 2 * features)
       x = conv_bn_relu(x, features)
-    x = layers.conv(3, (3, 3), self.dtype)(x)
-    return nn.sigmoid(x.astype(jnp.float32))
+    x = layers.conv(3, (1, 1), jnp.float32)(x.astype(jnp.float32))
+    return nn.sigmoid(x)

@@ -28,7 +28,8 @@ class SegmentationNet(nn.Module):
     axis_name: mapped axis over which batch statistics are averaged while
       training (None when the network runs outside a mapped context).
     dtype: compute dtype of the layers (bfloat16 for mixed precision);
-      parameters and the returned map are float32 either way.
+      parameters, the last layer and the returned map are float32 either
+      way.
   """
 
   width: int
@@ -59,5 +60,7 @@ class SegmentationNet(nn.Module):
     x = layers.upsample_bilinear_2x(x)
     for features in (2 * w, 2 * w, w):
       x = conv_bn_relu(x, features)
-    x = layers.conv(1, (3, 3), self.dtype)(x)
-    return x[..., 0].astype(jnp.float32)
+    # The last layer computes in float32 whatever `dtype`: bfloat16 keeps 8
+    # significant bits, which would tie millions of pooled pixels of the map.
+    x = layers.conv(1, (3, 3), jnp.float32)(x.astype(jnp.float32))
+    return x[..., 0]

@@ -7,11 +7,13 @@ from twostage_jax.synthesis.geometric import random_geometric
 from twostage_jax.synthesis.perlin import perlin_mask
 from twostage_jax.synthesis.perlin import perlin_noise
 from twostage_jax.synthesis.pseudo_anomaly import PseudoAnomalySynthesizer
+from twostage_jax.synthesis.pseudo_anomaly import superpixel_paste
 from twostage_jax.synthesis.samples import TrainingSampler
 from twostage_jax.synthesis.samples import augment_settings
+from twostage_jax.synthesis.source_store import SourceStore
+from twostage_jax.synthesis.source_store import build_source_store
 from twostage_jax.synthesis.sources import describe_sources
 from twostage_jax.synthesis.sources import load_anomaly_sources
-from twostage_jax.synthesis.superpixel import SlicCache
 from twostage_jax.synthesis.superpixel import slic_labels
 from twostage_jax.synthesis.superpixel import superpixel_mask
 
@@ -19,9 +21,10 @@ __all__ = [
     'AUGMENTERS',
     'PatchDistorter',
     'PseudoAnomalySynthesizer',
-    'SlicCache',
+    'SourceStore',
     'TrainingSampler',
     'augment_settings',
+    'build_source_store',
     'describe_sources',
     'load_anomaly_sources',
     'perlin_mask',
@@ -30,4 +33,5 @@ __all__ = [
     'random_geometric',
     'slic_labels',
     'superpixel_mask',
+    'superpixel_paste',
 ]

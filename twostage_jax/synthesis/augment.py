@@ -4,6 +4,11 @@ Each augmenter maps a uint8 (H, W, 3) RGB image and a np.random.Generator to a
 new uint8 image of the same shape. Parameter ranges are those of DRAEM's
 imgaug pipeline (imgaug defaults where DRAEM passes none); they define the
 augmenters rather than tune them, so they live here and not in the config.
+
+Only `rotate` moves pixels; the other nine change colours in place. A SAIM
+paste cuts the augmented texture along superpixels of the source, so
+`random_augment` can carry a label image through the same rotation (nearest
+neighbour): the superpixels then still follow the content that is pasted.
 """
 
 from typing import Callable
@@ -137,11 +142,32 @@ def equalize(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return np.asarray(ImageOps.equalize(Image.fromarray(image)))
 
 
+# Label value of the pixels a rotation brings in from outside the image.
+OUTSIDE = -1
+
+
+def _rotation_angle(rng: np.random.Generator) -> float:
+  return rng.uniform(-45.0, 45.0)
+
+
+def rotate_labels(labels: np.ndarray, angle: float) -> np.ndarray:
+  """int32 labels rotated as `rotate` turns the image, nearest neighbour.
+
+  The same PIL rotation about the same centre, so label and pixel positions
+  stay in register; pixels brought in from outside become OUTSIDE.
+  """
+  rotated = Image.fromarray(labels.astype(np.int32)).rotate(
+      angle, resample=Image.Resampling.NEAREST, fillcolor=OUTSIDE)
+  return np.asarray(rotated, dtype=np.int32)
+
+
+def _rotate_by(image: np.ndarray, angle: float) -> np.ndarray:
+  return np.asarray(Image.fromarray(image).rotate(angle, resample=Image.Resampling.BILINEAR))
+
+
 def rotate(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Bilinear rotation by U(-45, 45) degrees about the centre, black fill."""
-  rotated = Image.fromarray(image).rotate(
-      rng.uniform(-45.0, 45.0), resample=Image.Resampling.BILINEAR)
-  return np.asarray(rotated)
+  return _rotate_by(image, _rotation_angle(rng))
 
 
 AUGMENTERS: tuple[Augmenter, ...] = (
@@ -158,18 +184,31 @@ AUGMENTERS: tuple[Augmenter, ...] = (
 )
 
 
-def random_augment(image: np.ndarray, rng: np.random.Generator,
-                   num: int) -> np.ndarray:
+def random_augment(image: np.ndarray, rng: np.random.Generator, num: int,
+                   labels: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
   """Applies `num` distinct augmenters, drawn without replacement, in order.
 
   Args:
     image: uint8 (H, W, 3) RGB image.
     rng: random generator for the choice and for each augmenter.
     num: number of augmenters, at most len(AUGMENTERS).
+    labels: optional integer (H, W) segment ids of `image`; they undergo
+      the same rotation when `rotate` is drawn (rotate_labels) and pass the
+      colour augmenters unchanged. The random draws do not depend on it.
 
   Returns:
-    A new, writeable uint8 (H, W, 3) image.
+    A new, writeable uint8 (H, W, 3) image, and the labels in its geometry
+    (int32, OUTSIDE where the rotation brought in fill) or None.
   """
+  if labels is not None:
+    labels = labels.astype(np.int32)
   for index in rng.choice(len(AUGMENTERS), size=num, replace=False):
-    image = AUGMENTERS[index](image, rng)
-  return np.array(image, dtype=np.uint8)
+    if AUGMENTERS[index] is rotate:
+      angle = _rotation_angle(rng)
+      image = _rotate_by(image, angle)
+      if labels is not None:
+        labels = rotate_labels(labels, angle)
+    else:
+      image = AUGMENTERS[index](image, rng)
+  return np.array(image, dtype=np.uint8), labels

@@ -7,7 +7,36 @@ import numpy as np
 
 from twostage_jax.synthesis import augment
 from twostage_jax.synthesis import perlin
+from twostage_jax.synthesis import source_store
 from twostage_jax.synthesis import superpixel
+
+
+def superpixel_paste(source: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                     config: ml_collections.ConfigDict
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """SAIM's candidate mask and texture, cut along superpixels of the texture itself.
+
+  The source is augmented (num_augmenters of DRAEM's augmenters) and turned
+  by an angle of saim_rotations; its SLIC labels undergo the same rotations
+  (the augmenters' +-45 degree one included), so the superpixels follow the
+  content that is pasted, as when the transformed source is segmented (the
+  authors' PAI-lib). saim_fraction of the segments present are picked;
+  pixels a rotation brought in from outside the source are never pasted.
+
+  Args:
+    source: uint8 (S, S, 3) anomaly source.
+    labels: its (S, S) SLIC ids.
+    rng: random generator.
+    config: the synthesis section of the config.
+
+  Returns:
+    (bool (S, S) candidate mask, uint8 (S, S, 3) texture, int32 (S, S)
+    labels in the texture's geometry, augment.OUTSIDE outside the source).
+  """
+  texture, labels = augment.random_augment(source, rng, config.num_augmenters, labels)
+  turns = config.saim_rotations[rng.integers(len(config.saim_rotations))] // 90
+  texture, labels = np.rot90(texture, k=turns), np.rot90(labels, k=turns)
+  return superpixel.superpixel_mask(labels, rng, config.saim_fraction), texture, labels
 
 
 class PseudoAnomalySynthesizer:
@@ -20,10 +49,9 @@ class PseudoAnomalySynthesizer:
   - Perlin: mask M from perlin.perlin_mask; texture = a random source through
     num_augmenters augmenters; beta ~ U(0, beta_max);
     x' = x (1 - M) + (1 - beta) texture M + beta x M.
-  - SAIM: cached SLIC labels of a random (un-augmented) source with
-    n_segments drawn from saim_n_segments; M = saim_fraction of its
-    segments; the augmented source, rotated by an angle from
-    saim_rotations, replaces x on M without blending.
+  - SAIM: a random source with its stored SLIC labels for an n_segments drawn
+    from saim_n_segments, cut and pasted by `superpixel_paste` without
+    blending.
 
   The returned mask is exactly the set of pixels that changed, i.e. the
   candidate mask AND (any channel of x' != x): where the texture happens to
@@ -31,74 +59,53 @@ class PseudoAnomalySynthesizer:
   always comes with an unchanged image and means "no anomaly".
   """
 
-  def __init__(self, sources: list[np.ndarray],
+  def __init__(self, sources: source_store.SourceStore,
                config: ml_collections.ConfigDict,
-               slic_cache_dir: str | None = None,
                distorter: Callable[[np.ndarray, np.random.Generator],
                                    tuple[np.ndarray, np.ndarray]] | None = None):
     """Builds the synthesizer.
 
     Args:
-      sources: uint8 (S, S, 3) anomaly-source images, all of the size of the
-        images that will be passed in (square, for the 90-degree rotations).
+      sources: the anomaly sources and their SLIC labels for every
+        saim_n_segments, of the size of the images that will be passed in.
       config: the synthesis section of the config.
-      slic_cache_dir: folder for SLIC labels shared between processes; None
-        keeps them in memory only.
       distorter: the patch distortion (synthesis.PatchDistorter), needed
         when config.p_distortion > 0.
     """
     if config.p_distortion > 0 and distorter is None:
       raise ValueError('synthesis.p_distortion > 0 needs a distorter (PatchDistorter).')
-    if not sources:
-      raise ValueError('PseudoAnomalySynthesizer needs at least one source.')
-    shape = sources[0].shape
-    for source in sources:
-      if (source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3
-          or source.shape[0] != source.shape[1] or source.shape != shape):
-        raise ValueError(
-            'Anomaly sources must be square uint8 (S, S, 3) arrays of one '
-            f'size; got {source.dtype} {source.shape} next to {shape}.')
+    missing = set(config.saim_n_segments) - set(sources.n_segments)
+    if missing:
+      raise ValueError(f'the source store has no SLIC labels for saim_n_segments '
+                       f'{sorted(missing)}; it holds {list(sources.n_segments)}')
     for angle in config.saim_rotations:
       if angle % 90:
         raise ValueError(f'saim_rotations must be multiples of 90: {angle}.')
-    self._sources = list(sources)
+    self._sources = sources
     self._config = config
     self._distort = distorter
-    self._slic = superpixel.SlicCache(
-        config.saim_compactness, config.saim_sigma, slic_cache_dir)
-
-  @property
-  def slic_cache(self) -> superpixel.SlicCache:
-    """The SLIC label cache, e.g. to warm it before training starts."""
-    return self._slic
-
-  def _texture(self, index: int, rng: np.random.Generator) -> np.ndarray:
-    return augment.random_augment(
-        self._sources[index], rng, self._config.num_augmenters)
 
   def _perlin(self, image: np.ndarray, rng: np.random.Generator
               ) -> tuple[np.ndarray, np.ndarray]:
     """Candidate mask and the blended values of its pixels (k, 3)."""
     mask = perlin.perlin_mask(image.shape[:2], rng, self._config)
     index = rng.integers(len(self._sources))
-    texture = self._texture(index, rng)[mask].astype(np.float32) / 255.0
+    texture, _ = augment.random_augment(
+        self._sources.images[index], rng, self._config.num_augmenters)
+    texture = texture[mask].astype(np.float32) / 255.0
     beta = np.float32(rng.uniform(0.0, self._config.beta_max))
     # x + (1 - beta)(t - x) is the blend above; it returns x bit-exactly
     # where t == x, so such pixels do not count as changed.
     old = image[mask]
     return mask, old + (1.0 - beta) * (texture - old)
 
-  def _superpixel(self, image: np.ndarray, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray]:
+  def _superpixel(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Candidate mask and the pasted values of its pixels (k, 3)."""
     config = self._config
     index = rng.integers(len(self._sources))
-    n_segments = config.saim_n_segments[rng.integers(
-        len(config.saim_n_segments))]
-    labels = self._slic.labels(self._sources[index], n_segments)
-    mask = superpixel.superpixel_mask(labels, rng, config.saim_fraction)
-    angle = config.saim_rotations[rng.integers(len(config.saim_rotations))]
-    texture = np.rot90(self._texture(index, rng), k=angle // 90)
+    n_segments = config.saim_n_segments[rng.integers(len(config.saim_n_segments))]
+    mask, texture, _ = superpixel_paste(
+        self._sources.images[index], self._sources.labels(n_segments)[index], rng, config)
     return mask, texture[mask].astype(np.float32) / 255.0
 
   def __call__(self, image: np.ndarray, rng: np.random.Generator
@@ -114,9 +121,9 @@ class PseudoAnomalySynthesizer:
       (float32 (H, W, 3) image in [0, 1], float32 (H, W) mask of exactly
       the changed pixels, 1 = anomalous).
     """
-    if image.shape != self._sources[0].shape:
+    if image.shape != self._sources.image_shape:
       raise ValueError(f'Image shape {image.shape} does not match the anomaly '
-                       f'sources {self._sources[0].shape}.')
+                       f'sources {self._sources.image_shape}.')
     out = np.clip(image, 0.0, 1.0, dtype=np.float32)
     mask = np.zeros(out.shape[:2], np.float32)
     if rng.random() >= self._config.p_anomaly:
@@ -127,7 +134,7 @@ class PseudoAnomalySynthesizer:
     if rng.random() < self._config.p_perlin:
       candidate, values = self._perlin(out, rng)
     else:
-      candidate, values = self._superpixel(out, rng)
+      candidate, values = self._superpixel(rng)
     # Only the candidate pixels are touched, which keeps the cost of a
     # sample proportional to the anomaly's area.
     rows, cols = np.nonzero(candidate)

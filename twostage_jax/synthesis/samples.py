@@ -16,6 +16,7 @@ import numpy as np
 from twostage_jax.synthesis import distortion
 from twostage_jax.synthesis import geometric
 from twostage_jax.synthesis import pseudo_anomaly
+from twostage_jax.synthesis import source_store
 from twostage_jax.synthesis import superpixel
 
 
@@ -27,14 +28,14 @@ def augment_settings(config: ml_collections.ConfigDict) -> ml_collections.Config
 class TrainingSampler:
   """Turns a normal image into one named training sample."""
 
-  def __init__(self, sources: list[np.ndarray], config: ml_collections.ConfigDict,
-               slic_cache_dir: str | None, stage: int):
+  def __init__(self, sources: source_store.SourceStore | None,
+               config: ml_collections.ConfigDict, stage: int):
     """Builds the sampler.
 
     Args:
-      sources: uint8 anomaly-source images (see PseudoAnomalySynthesizer).
+      sources: the anomaly sources and their SLIC labels (see
+        PseudoAnomalySynthesizer); None for Bauer's method, which uses none.
       config: the run's config.
-      slic_cache_dir: folder for the sources' SLIC labels; None: memory only.
       stage: the two-stage model's stage (2 adds 'labels'); 1 for Bauer.
     """
     self._config = config
@@ -45,7 +46,7 @@ class TrainingSampler:
       self._distort = distorter
     else:
       self._synthesize = pseudo_anomaly.PseudoAnomalySynthesizer(
-          sources, config.synthesis, slic_cache_dir, distorter)
+          sources, config.synthesis, distorter)
     self._with_labels = not self._bauer and stage == 2
 
   def __call__(self, image: np.ndarray, rng: np.random.Generator

@@ -26,7 +26,7 @@ _SKIMAGE_NAMES = (
 _PROCEDURAL_SEED = 0
 
 
-def _image_files(source_dir: str) -> list[str]:
+def image_files(source_dir: str) -> list[str]:
   """All image files under source_dir, sorted so the order is reproducible."""
   if not os.path.isdir(source_dir):
     raise ValueError(
@@ -165,13 +165,13 @@ def load_anomaly_sources(source_dir: str,
   """
   if not source_dir:
     return _builtin_sources(image_size)
-  return [images.read_rgb(path, image_size) for path in _image_files(source_dir)]
+  return [images.read_rgb(path, image_size) for path in image_files(source_dir)]
 
 
 def describe_sources(source_dir: str) -> str:
   """One line naming the set load_anomaly_sources(source_dir, ...) uses."""
   if source_dir:
-    return (f'{len(_image_files(source_dir))} anomaly source images from '
+    return (f'{len(image_files(source_dir))} anomaly source images from '
             f'{source_dir}')
   skimage_names = [name for name, _ in _skimage_images()]
   procedural_names = [name for name, _ in _PROCEDURAL]

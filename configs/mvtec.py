@@ -54,6 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.synthesis.saim_sigma = 1.0
   config.synthesis.saim_fraction = 0.1  # share of segment ids pasted
   config.synthesis.saim_rotations = (0, 90, 180)
+  # Share of the textures taken from the category's own normal training
+  # images instead of the anomaly sources: pastes of the object's own
+  # structure out of place (the public code adds the training images to its
+  # stage 2's sources). 0 keeps the papers' DTD-only stage 1.
+  config.synthesis.p_self_source = 0.0
   # Share of the anomalies made by Bauer's patch distortion (`distortion`)
   # instead of Perlin/SAIM; 0 keeps the papers' two generators.
   config.synthesis.p_distortion = 0.0

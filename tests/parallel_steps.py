@@ -63,7 +63,7 @@ def run(config: ml_collections.ConfigDict, num_steps: int,
       process_index=jax.process_index(),
       seed=config.seed,
       stream=1)
-  sample = train.make_sampler_factory(config, stage=1)()
+  sample = train.make_sampler_factory(config, 1, images)()
   state = jax.device_put(initial_state(config, tx), parallel.replicated(mesh))
   step_fn = parallel.data_parallel(
       functools.partial(train.train_step, objective=train.objective(config, 1)), mesh)

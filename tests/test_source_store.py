@@ -109,3 +109,22 @@ def test_concurrent_builders_end_with_one_store(tmp_path):
   assert folders[0] == folders[1]
   assert os.listdir(tmp_path / 'cache' / 'sources') == [os.path.basename(folders[0])]
   assert len(synthesis.SourceStore.open(folders[0])) == 8
+
+
+def test_image_store_is_identified_by_the_image_content(tmp_path):
+  images = np.random.default_rng(3).integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+  store = synthesis.build_image_store(images, 'bottle-train', N_SEGMENTS, 8.0, 1.0,
+                                      str(tmp_path), num_processes=1)
+  np.testing.assert_array_equal(store.images, images)
+  np.testing.assert_array_equal(store.labels(30)[2],
+                                superpixel.slic_labels(images[2], 30, 8.0, 1.0))
+  assert os.path.basename(store.folder).startswith('bottle-train-32px-')
+  same = synthesis.build_image_store(images.copy(), 'bottle-train', N_SEGMENTS, 8.0, 1.0,
+                                     str(tmp_path), num_processes=1)
+  changed = images.copy()
+  changed[0, 0, 0, 0] ^= 1
+  other = synthesis.build_image_store(changed, 'bottle-train', N_SEGMENTS, 8.0, 1.0,
+                                      str(tmp_path), num_processes=1)
+  assert same.folder == store.folder != other.folder
+  with pytest.raises(ValueError, match=r'uint8 \(N, S, S, 3\)'):
+    synthesis.build_image_store(images[:, :, :30], 'x', N_SEGMENTS, 8.0, 1.0, str(tmp_path), 1)

@@ -415,6 +415,30 @@ def test_superpixel_paste_is_rotated_and_unblended(store,
     np.testing.assert_array_equal(out[~inside], image[~inside])
 
 
+def test_self_sources_replace_the_anomaly_sources_with_their_probability(store):
+  # Self sources of two flat colours no anomaly source has; no augmenters,
+  # so pasted or blended texture keeps them.
+  flat = np.stack([np.full((SIZE, SIZE, 3), value, np.uint8) for value in (7, 249)])
+  self_store = synthesis.SourceStore.from_images(list(flat), (30, 150, 250), 8.0, 1.0)
+  for p_self, expected in ((1.0, 1.0), (0.5, 0.5), (0.0, 0.0)):
+    synth = synthesis.PseudoAnomalySynthesizer(
+        store, _config(p_anomaly=1.0, p_self_source=p_self, num_augmenters=0, beta_max=0.0,
+                       saim_rotations=(0,)), self_sources=self_store)
+    from_self = drawn = 0
+    for seed in range(40):
+      image = np.full((SIZE, SIZE, 3), 0.5, np.float32)
+      out, mask = synth(image, np.random.default_rng(seed))
+      if mask.any():
+        drawn += 1
+        # beta ~ U(0, 0): a Perlin blend takes the texture as it is.
+        values = np.unique(np.rint(out[mask.astype(bool)] * 255))
+        from_self += set(values.tolist()) <= {7.0, 249.0}
+    assert drawn >= 30
+    assert abs(from_self / drawn - expected) <= 0.2
+  with pytest.raises(ValueError, match='p_self_source > 0 needs'):
+    synthesis.PseudoAnomalySynthesizer(store, _config(p_self_source=0.5))
+
+
 def test_no_anomaly_returns_the_image(store):
   synth = synthesis.PseudoAnomalySynthesizer(
       store, _config(p_anomaly=0.0))

@@ -34,6 +34,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('synthesis.saim_n_segments', lambda v: len(v) > 0 and all(n > 1 for n in v),
      'a non-empty list of segment counts > 1'),
     ('synthesis.p_distortion', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('synthesis.p_self_source', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
     ('distortion.p_distort', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
     ('distortion.patch_min_fraction', lambda v: 0 < v <= 1, 'in (0, 1]'),
     ('distortion.patch_max_fraction', lambda v: 0 < v <= 1, 'in (0, 1]'),

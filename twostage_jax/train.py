@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
@@ -201,14 +202,26 @@ def anomaly_sources(config: ml_collections.ConfigDict) -> synthesis.SourceStore:
       data.default_cache_dir(config.cache_dir), num_processes=os.cpu_count() or 1)
 
 
-def make_sampler_factory(config: ml_collections.ConfigDict, stage: int) -> pipeline.SamplerFactory:
+def make_sampler_factory(config: ml_collections.ConfigDict, stage: int,
+                         images: np.ndarray) -> pipeline.SamplerFactory:
   """A picklable factory of the workers' training sampler for `stage`.
 
-  It carries the source store by its folder, so every worker maps the same
-  files instead of receiving a copy.
+  It carries the source stores by their folders, so every worker maps the
+  same files instead of receiving a copy. `images` are the normal training
+  images (held-out ones excluded): the self sources of
+  `synthesis.p_self_source`.
   """
-  sources = None if config.method == 'bauer' else anomaly_sources(config)
-  return functools.partial(synthesis.TrainingSampler, sources, config, stage)
+  if config.method == 'bauer':
+    return functools.partial(synthesis.TrainingSampler, None, config, stage)
+  self_sources = None
+  if config.synthesis.p_self_source > 0:
+    synthesis_config = config.synthesis
+    self_sources = synthesis.build_image_store(
+        images, f'{config.category}-train', synthesis_config.saim_n_segments,
+        synthesis_config.saim_compactness, synthesis_config.saim_sigma,
+        data.default_cache_dir(config.cache_dir), num_processes=os.cpu_count() or 1)
+  return functools.partial(synthesis.TrainingSampler, anomaly_sources(config), config, stage,
+                           self_sources)
 
 
 class _Progress:
@@ -343,7 +356,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: int) -> TrainS
       seed=config.seed,
       stream=stage)
   host_batches = pipeline.batches(
-      images, make_sampler_factory(config, stage), plan, start_step,
+      images, make_sampler_factory(config, stage, images), plan, start_step,
       config.train.num_steps, config.train.num_workers, config.train.prefetch_batches)
   step_fn = parallel.data_parallel(
       functools.partial(train_step, objective=objective(config, stage)), mesh,

@@ -11,6 +11,7 @@ from twostage_jax.synthesis.pseudo_anomaly import superpixel_paste
 from twostage_jax.synthesis.samples import TrainingSampler
 from twostage_jax.synthesis.samples import augment_settings
 from twostage_jax.synthesis.source_store import SourceStore
+from twostage_jax.synthesis.source_store import build_image_store
 from twostage_jax.synthesis.source_store import build_source_store
 from twostage_jax.synthesis.sources import describe_sources
 from twostage_jax.synthesis.sources import load_anomaly_sources
@@ -24,6 +25,7 @@ __all__ = [
     'SourceStore',
     'TrainingSampler',
     'augment_settings',
+    'build_image_store',
     'build_source_store',
     'describe_sources',
     'load_anomaly_sources',

@@ -45,6 +45,11 @@ class PseudoAnomalySynthesizer:
   Per sample: no anomaly with probability 1 - p_anomaly; otherwise, with
   probability p_distortion, Bauer's patch distortion (the `distorter`), else
   a Perlin anomaly with probability p_perlin, else a SAIM superpixel anomaly.
+  The texture of either comes from a random anomaly source, or with
+  probability p_self_source from a random normal image of the category
+  (the public code adds the category's training images to the sources of
+  its stage 2: pastes of the object's own structure, colour-consistent but
+  out of place).
 
   - Perlin: mask M from perlin.perlin_mask; texture = a random source through
     num_augmenters augmenters; beta ~ U(0, beta_max);
@@ -62,7 +67,8 @@ class PseudoAnomalySynthesizer:
   def __init__(self, sources: source_store.SourceStore,
                config: ml_collections.ConfigDict,
                distorter: Callable[[np.ndarray, np.random.Generator],
-                                   tuple[np.ndarray, np.ndarray]] | None = None):
+                                   tuple[np.ndarray, np.ndarray]] | None = None,
+               self_sources: source_store.SourceStore | None = None):
     """Builds the synthesizer.
 
     Args:
@@ -71,27 +77,44 @@ class PseudoAnomalySynthesizer:
       config: the synthesis section of the config.
       distorter: the patch distortion (synthesis.PatchDistorter), needed
         when config.p_distortion > 0.
+      self_sources: normal images of the category with their SLIC labels,
+        drawn as the source instead of `sources` with probability
+        config.p_self_source (needed when it is > 0).
     """
     if config.p_distortion > 0 and distorter is None:
       raise ValueError('synthesis.p_distortion > 0 needs a distorter (PatchDistorter).')
-    missing = set(config.saim_n_segments) - set(sources.n_segments)
-    if missing:
-      raise ValueError(f'the source store has no SLIC labels for saim_n_segments '
-                       f'{sorted(missing)}; it holds {list(sources.n_segments)}')
+    if config.p_self_source > 0 and self_sources is None:
+      raise ValueError('synthesis.p_self_source > 0 needs the normal images as self_sources.')
+    for store in (sources, self_sources) if self_sources else (sources,):
+      missing = set(config.saim_n_segments) - set(store.n_segments)
+      if missing:
+        raise ValueError(f'the source store has no SLIC labels for saim_n_segments '
+                         f'{sorted(missing)}; it holds {list(store.n_segments)}')
+      if store.image_shape != sources.image_shape:
+        raise ValueError(f'self_sources of shape {store.image_shape} next to anomaly '
+                         f'sources of shape {sources.image_shape}')
     for angle in config.saim_rotations:
       if angle % 90:
         raise ValueError(f'saim_rotations must be multiples of 90: {angle}.')
     self._sources = sources
+    self._self_sources = self_sources
     self._config = config
     self._distort = distorter
+
+  def _draw_source(self, rng: np.random.Generator) -> tuple[source_store.SourceStore, int]:
+    """A store (self sources with probability p_self_source) and an index in it."""
+    store = self._sources
+    # Drawn only when the option is on, so the papers' stream stays as is.
+    if self._config.p_self_source > 0 and rng.random() < self._config.p_self_source:
+      store = self._self_sources
+    return store, rng.integers(len(store))
 
   def _perlin(self, image: np.ndarray, rng: np.random.Generator
               ) -> tuple[np.ndarray, np.ndarray]:
     """Candidate mask and the blended values of its pixels (k, 3)."""
     mask = perlin.perlin_mask(image.shape[:2], rng, self._config)
-    index = rng.integers(len(self._sources))
-    texture, _ = augment.random_augment(
-        self._sources.images[index], rng, self._config.num_augmenters)
+    store, index = self._draw_source(rng)
+    texture, _ = augment.random_augment(store.images[index], rng, self._config.num_augmenters)
     texture = texture[mask].astype(np.float32) / 255.0
     beta = np.float32(rng.uniform(0.0, self._config.beta_max))
     # x + (1 - beta)(t - x) is the blend above; it returns x bit-exactly
@@ -102,10 +125,10 @@ class PseudoAnomalySynthesizer:
   def _superpixel(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Candidate mask and the pasted values of its pixels (k, 3)."""
     config = self._config
-    index = rng.integers(len(self._sources))
+    store, index = self._draw_source(rng)
     n_segments = config.saim_n_segments[rng.integers(len(config.saim_n_segments))]
     mask, texture, _ = superpixel_paste(
-        self._sources.images[index], self._sources.labels(n_segments)[index], rng, config)
+        store.images[index], store.labels(n_segments)[index], rng, config)
     return mask, texture[mask].astype(np.float32) / 255.0
 
   def __call__(self, image: np.ndarray, rng: np.random.Generator

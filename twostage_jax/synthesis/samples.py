@@ -29,7 +29,8 @@ class TrainingSampler:
   """Turns a normal image into one named training sample."""
 
   def __init__(self, sources: source_store.SourceStore | None,
-               config: ml_collections.ConfigDict, stage: int):
+               config: ml_collections.ConfigDict, stage: int,
+               self_sources: source_store.SourceStore | None = None):
     """Builds the sampler.
 
     Args:
@@ -37,6 +38,8 @@ class TrainingSampler:
         PseudoAnomalySynthesizer); None for Bauer's method, which uses none.
       config: the run's config.
       stage: the two-stage model's stage (2 adds 'labels'); 1 for Bauer.
+      self_sources: the category's normal training images with their SLIC
+        labels, for synthesis.p_self_source > 0.
     """
     self._config = config
     self._augment = augment_settings(config)
@@ -46,7 +49,7 @@ class TrainingSampler:
       self._distort = distorter
     else:
       self._synthesize = pseudo_anomaly.PseudoAnomalySynthesizer(
-          sources, config.synthesis, distorter)
+          sources, config.synthesis, distorter, self_sources)
     self._with_labels = not self._bauer and stage == 2
 
   def __call__(self, image: np.ndarray, rng: np.random.Generator

@@ -9,9 +9,10 @@ files read-only (`np.load(mmap_mode='r')`), and the operating system keeps
 one copy in its page cache however many workers read it.
 
 A store folder is named by a fingerprint of everything its content depends
-on (the source files' relative paths, byte sizes and modification times, or
-the built-in set's scikit-image version; the image size; the SLIC settings;
-STORE_VERSION), so a changed folder or setting builds a new store:
+on (the source files' relative paths, byte sizes and modification times, the
+built-in set's scikit-image version, or the bytes of images already in
+memory; the image size; the SLIC settings; STORE_VERSION), so a changed
+folder or setting builds a new store:
 
     <cache_dir>/sources/<name>-<size>px-<fingerprint>/
         images.npy             uint8 (N, S, S, 3)
@@ -23,6 +24,7 @@ sharing a cache folder) keep the first complete copy.
 """
 
 import concurrent.futures
+import dataclasses
 import functools
 import hashlib
 import multiprocessing
@@ -30,7 +32,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import skimage
@@ -127,80 +130,102 @@ def _fingerprint(parts: Sequence[str]) -> str:
   return digest.hexdigest()[:_FINGERPRINT_CHARS]
 
 
-def store_folder(source_dir: str, image_size: int, n_segments: Sequence[int],
-                 compactness: float, sigma: float, cache_dir: str) -> str:
-  """Where the store of these sources and settings lives (built or not).
+@dataclasses.dataclass(frozen=True)
+class _Contents:
+  """What a store holds: a name, what identifies it, and how to make each image."""
 
-  Raises:
-    ValueError: the source folder does not exist or holds no images.
-  """
-  settings = [f'v{STORE_VERSION}', f'size {image_size}',
-              f'n_segments {sorted(set(n_segments))}', f'compactness {compactness:g}',
-              f'sigma {sigma:g}']
-  if source_dir:
-    root = os.path.abspath(source_dir)
-    for path in sources_lib.image_files(source_dir):
-      stat = os.stat(path)
-      settings.append(f'{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}')
-    name = os.path.basename(root.rstrip(os.sep)) or 'sources'
-  else:
-    settings.append(f'builtin scikit-image {skimage.__version__}')
-    name = 'builtin'
-  return os.path.join(cache_dir, _SUBDIR,
-                      f'{name}-{image_size}px-{_fingerprint(settings)}')
+  name: str
+  identity: tuple[str, ...]
+  inputs: Sequence[Any]  # file paths or uint8 images
+  to_image: Callable[[Any], np.ndarray]  # one input -> uint8 (S, S, 3); picklable
 
 
-def _labelled(image: np.ndarray, n_segments: Sequence[int], compactness: float,
-              sigma: float) -> tuple[np.ndarray, list[np.ndarray]]:
+def _folder_contents(source_dir: str, image_size: int) -> _Contents:
+  root = os.path.abspath(source_dir)
+  paths = sources_lib.image_files(source_dir)
+  identity = []
+  for path in paths:
+    stat = os.stat(path)
+    identity.append(f'{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}')
+  return _Contents(os.path.basename(root.rstrip(os.sep)) or 'sources', tuple(identity), paths,
+                   functools.partial(image_files.read_rgb, size=image_size))
+
+
+def _array_contents(name: str, images: np.ndarray) -> _Contents:
+  digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+  return _Contents(name, (f'{images.shape} {digest}',), list(images), np.asarray)
+
+
+def _labelled(item: Any, to_image: Callable[[Any], np.ndarray], n_segments: Sequence[int],
+              compactness: float, sigma: float) -> tuple[np.ndarray, list[np.ndarray]]:
+  image = to_image(item)
   labels = [superpixel.slic_labels(image, n, compactness, sigma).astype(LABEL_DTYPE)
             for n in n_segments]
   return image, labels
 
 
-def _read_and_label(path: str, image_size: int, n_segments: Sequence[int],
-                    compactness: float, sigma: float
-                    ) -> tuple[np.ndarray, list[np.ndarray]]:
-  return _labelled(image_files.read_rgb(path, image_size), n_segments, compactness, sigma)
-
-
-def _write(folder: str, source_dir: str, image_size: int, n_segments: Sequence[int],
+def _write(folder: str, contents: _Contents, image_size: int, n_segments: Sequence[int],
            compactness: float, sigma: float, num_processes: int) -> None:
-  """Decodes and labels every source into .npy files in `folder`."""
-  if source_dir:
-    inputs = sources_lib.image_files(source_dir)
-    work = functools.partial(_read_and_label, image_size=image_size, n_segments=n_segments,
-                             compactness=compactness, sigma=sigma)
-  else:
-    inputs = sources_lib.load_anomaly_sources('', image_size)
-    work = functools.partial(_labelled, n_segments=n_segments, compactness=compactness,
-                             sigma=sigma)
-  count = len(inputs)
+  """Decodes and labels every image of `contents` into .npy files in `folder`."""
+  count = len(contents.inputs)
   images = np.lib.format.open_memmap(
       os.path.join(folder, 'images.npy'), 'w+', np.uint8, (count, image_size, image_size, 3))
   labels = [np.lib.format.open_memmap(
       os.path.join(folder, f'labels_n{n}.npy'), 'w+', LABEL_DTYPE,
       (count, image_size, image_size)) for n in n_segments]
+  work = functools.partial(_labelled, to_image=contents.to_image, n_segments=n_segments,
+                           compactness=compactness, sigma=sigma)
   start = time.perf_counter()
   context = multiprocessing.get_context('spawn')
   with concurrent.futures.ProcessPoolExecutor(num_processes, mp_context=context) as pool:
-    results = pool.map(work, inputs, chunksize=max(1, min(16, count // (4 * num_processes))))
+    results = pool.map(work, contents.inputs,
+                       chunksize=max(1, min(16, count // (4 * num_processes))))
     for i, (image, image_labels) in enumerate(results):
       images[i] = image
       for array, label in zip(labels, image_labels):
         array[i] = label
       done = i + 1
       if done % max(1, count // 10) == 0 or done == count:
-        logging.info('anomaly sources: %d/%d decoded and segmented (%.0f s)',
-                     done, count, time.perf_counter() - start)
+        logging.info('%s: %d/%d images decoded and segmented (%.0f s)',
+                     contents.name, done, count, time.perf_counter() - start)
   for array in [images] + labels:
     array.flush()
   del images, labels
 
 
+def _open_or_build(contents: _Contents, image_size: int, n_segments: Sequence[int],
+                   compactness: float, sigma: float, cache_dir: str,
+                   num_processes: int) -> SourceStore:
+  n_segments = sorted(set(n_segments))
+  settings = (f'v{STORE_VERSION}', f'size {image_size}', f'n_segments {n_segments}',
+              f'compactness {compactness:g}', f'sigma {sigma:g}')
+  folder = os.path.join(cache_dir, _SUBDIR, f'{contents.name}-{image_size}px-'
+                        f'{_fingerprint(settings + contents.identity)}')
+  if os.path.isdir(folder):
+    return SourceStore.open(folder)
+  parent = os.path.dirname(folder)
+  os.makedirs(parent, exist_ok=True)
+  logging.info('building the source store %s (once per machine)', folder)
+  incomplete = tempfile.mkdtemp(prefix='incomplete.', dir=parent)
+  try:
+    _write(incomplete, contents, image_size, n_segments, compactness, sigma,
+           max(1, num_processes))
+    try:
+      os.rename(incomplete, folder)
+    except OSError:
+      if not os.path.isdir(folder):
+        raise
+      logging.info('another process built %s first; using its copy', folder)
+  finally:
+    if os.path.isdir(incomplete):
+      shutil.rmtree(incomplete)
+  return SourceStore.open(folder)
+
+
 def build_source_store(source_dir: str, image_size: int, n_segments: Sequence[int],
                        compactness: float, sigma: float, cache_dir: str,
                        num_processes: int) -> SourceStore:
-  """Opens the store of these sources and settings, building it first if needed.
+  """Opens the store of the anomaly sources, building it first if needed.
 
   Args:
     source_dir: folder searched recursively for images (see
@@ -216,24 +241,24 @@ def build_source_store(source_dir: str, image_size: int, n_segments: Sequence[in
     ValueError: the folder does not exist or holds no images.
     DatasetError: a source file cannot be decoded (the message names it).
   """
-  n_segments = sorted(set(n_segments))
-  folder = store_folder(source_dir, image_size, n_segments, compactness, sigma, cache_dir)
-  if os.path.isdir(folder):
-    return SourceStore.open(folder)
-  parent = os.path.dirname(folder)
-  os.makedirs(parent, exist_ok=True)
-  logging.info('building the anomaly-source store %s (once per machine)', folder)
-  incomplete = tempfile.mkdtemp(prefix='incomplete.', dir=parent)
-  try:
-    _write(incomplete, source_dir, image_size, n_segments, compactness, sigma,
-           max(1, num_processes))
-    try:
-      os.rename(incomplete, folder)
-    except OSError:
-      if not os.path.isdir(folder):
-        raise
-      logging.info('another process built %s first; using its copy', folder)
-  finally:
-    if os.path.isdir(incomplete):
-      shutil.rmtree(incomplete)
-  return SourceStore.open(folder)
+  if source_dir:
+    contents = _folder_contents(source_dir, image_size)
+  else:
+    contents = _Contents('builtin', (f'builtin scikit-image {skimage.__version__}',),
+                         sources_lib.load_anomaly_sources('', image_size), np.asarray)
+  return _open_or_build(contents, image_size, n_segments, compactness, sigma, cache_dir,
+                        num_processes)
+
+
+def build_image_store(images: np.ndarray, name: str, n_segments: Sequence[int],
+                      compactness: float, sigma: float, cache_dir: str,
+                      num_processes: int) -> SourceStore:
+  """Opens the store of uint8 (N, S, S, 3) images, building it first if needed.
+
+  For images that are already decoded, such as a category's normal training
+  images used as anomaly sources; the store is identified by their content.
+  """
+  if images.ndim != 4 or images.shape[1] != images.shape[2] or images.dtype != np.uint8:
+    raise ValueError(f'images must be uint8 (N, S, S, 3); got {images.dtype} {images.shape}')
+  return _open_or_build(_array_contents(name, images), images.shape[1], n_segments,
+                        compactness, sigma, cache_dir, num_processes)

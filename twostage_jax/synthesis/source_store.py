@@ -185,7 +185,7 @@ def _write(folder: str, contents: _Contents, image_size: int, n_segments: Sequen
       for array, label in zip(labels, image_labels):
         array[i] = label
       done = i + 1
-      if done % max(1, count // 10) == 0 or done == count:
+      if done == count or (count >= 100 and done % (count // 10) == 0):
         logging.info('%s: %d/%d images decoded and segmented (%.0f s)',
                      contents.name, done, count, time.perf_counter() - start)
   for array in [images] + labels:

@@ -118,6 +118,7 @@ def get_config() -> ml_collections.ConfigDict:
   # stages; a value set here applies to stage 2 alone (the public code's fine
   # model uses L2 alone: --config.stage2.loss.ssim_weight=0).
   config.stage2 = ml_collections.ConfigDict()
+  config.stage2.num_steps = placeholder(int)  # None: train.num_steps
   config.stage2.loss = ml_collections.ConfigDict(
       {key: placeholder(type(value)) for key, value in config.loss.items()})
 

@@ -1,16 +1,22 @@
 """Configs: both recipes are valid, bad values are named in the error."""
 
+import jax.numpy as jnp
+import optax
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from configs import bauer
 from configs import demo
 from configs import mvtec
+from configs import mvtec_cpu
 from twostage_jax import config_validation
+from twostage_jax import parallel
 from twostage_jax import train
 
 
-@pytest.mark.parametrize('get_config', [mvtec.get_config, demo.get_config])
+@pytest.mark.parametrize('get_config', [mvtec.get_config, demo.get_config,
+                                        mvtec_cpu.get_config, bauer.get_config])
 def test_shipped_configs_are_valid(get_config):
   config_validation.validate(get_config())
 
@@ -97,3 +103,23 @@ def test_every_problem_is_reported_at_once():
     config_validation.validate(config)
   assert 'config.model.width = 0' in str(error.value)
   assert 'config.train.num_steps = 0' in str(error.value)
+
+
+def test_stage_2_has_its_own_number_of_steps_and_learning_rate_schedule():
+  config = mvtec.get_config()
+  config.train.num_steps = 100
+  assert train.stage_steps(config, 2) == 100  # None: the same as stage 1
+  config.stage2.num_steps = 10
+  assert (train.stage_steps(config, 1), train.stage_steps(config, 2)) == (100, 10)
+  # The optimizer a restored state gets decays at 80% and 90% of its stage's steps.
+  mesh = parallel.make_mesh()
+  params = {'w': jnp.ones(3)}
+
+  def update_at(stage, count):
+    tx = train.abstract_train_state(config, mesh, stage).tx
+    state = optax.tree_utils.tree_set(tx.init(params), count=jnp.asarray(count, jnp.int32))
+    return float(tx.update({'w': jnp.ones(3)}, state, params)[0]['w'][0])
+
+  assert update_at(1, 5) == pytest.approx(update_at(2, 5))  # before stage 2's decays
+  assert update_at(1, 9) == pytest.approx(update_at(2, 9) / 0.2 ** 2)  # after both
+  assert update_at(1, 90) == pytest.approx(update_at(2, 90))  # both decayed twice

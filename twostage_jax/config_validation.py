@@ -67,6 +67,7 @@ _METHOD_RULES: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
         ('refine.sigma', lambda v: v >= 0, '0 or more'),
         ('refine.combine', lambda v: v in refine.COMBINE_RULES,
          "'sum', 'mean', 'max' or 'stage2'"),
+        ('stage2.num_steps', lambda v: v is None or v > 0, 'positive, or None (= train.num_steps)'),
         ('stage2.loss.l2_weight', lambda v: v is None or v >= 0,
          '0 or more, or None (= loss.l2_weight)'),
         ('stage2.loss.ssim_weight', lambda v: v is None or v >= 0,

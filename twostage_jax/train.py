@@ -84,12 +84,19 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
       dtype=compute_dtype(config))
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Constant rate, multiplied by `lr_decay_factor` at each decay fraction of the steps."""
+def stage_steps(config: ml_collections.ConfigDict, stage: int) -> int:
+  """Training steps of `stage`: `stage2.num_steps` for stage 2 when set, else `train.num_steps`."""
+  stage2 = config.get('stage2')
+  if stage == 2 and stage2 is not None and stage2.num_steps is not None:
+    return stage2.num_steps
+  return config.train.num_steps
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Constant rate, multiplied by `lr_decay_factor` at each decay fraction of `num_steps`."""
   return optax.piecewise_constant_schedule(
       config.learning_rate,
-      {int(f * config.num_steps): config.lr_decay_factor
-       for f in config.lr_decay_fractions})
+      {int(f * num_steps): config.lr_decay_factor for f in config.lr_decay_fractions})
 
 
 def prng_key(seed: int) -> jax.Array:
@@ -142,8 +149,9 @@ def objective(config: ml_collections.ConfigDict, stage: int) -> Objective:
   return lambda prediction, batch: losses.ssim_l2_loss(prediction, batch['mask'], loss_config)
 
 
-def create_train_state(config: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
-  """Fresh parameters, batch statistics and Adam state for `config`."""
+def create_train_state(config: ml_collections.ConfigDict, key: jax.Array,
+                       stage: int = 1) -> TrainState:
+  """Fresh parameters, batch statistics and Adam state for `stage` of `config`."""
   model = create_model(config)
   shape = (1, config.image_size, config.image_size, 3)
   # Jitted: run op by op, init would compile every layer's ops separately.
@@ -153,13 +161,17 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array) -> Tra
       apply_fn=model.apply,
       params=variables['params'],
       batch_stats=variables['batch_stats'],
-      tx=optax.adam(learning_rate_schedule(config.train)))
+      tx=optax.adam(learning_rate_schedule(config.train, stage_steps(config, stage))))
 
 
-def abstract_train_state(config: ml_collections.ConfigDict,
-                         mesh: jax.sharding.Mesh) -> TrainState:
-  """Shapes, dtypes and replicated shardings of the state, for restoring."""
-  shapes = jax.eval_shape(lambda: create_train_state(config, prng_key(0)))
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                         stage: int = 1) -> TrainState:
+  """Shapes, dtypes and replicated shardings of `stage`'s state, for restoring.
+
+  The restored state keeps this one's optimizer, whose schedule depends on
+  the stage's number of steps.
+  """
+  shapes = jax.eval_shape(lambda: create_train_state(config, prng_key(0), stage))
   sharding = parallel.replicated(mesh)
   return jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
@@ -235,8 +247,8 @@ class _Progress:
                start_step: int):
     self._path = os.path.join(workdir, 'metrics.jsonl')
     self._stage = stage
-    self._schedule = learning_rate_schedule(config.train)
-    self._num_steps = config.train.num_steps
+    self._num_steps = stage_steps(config, stage)
+    self._schedule = learning_rate_schedule(config.train, self._num_steps)
     self._batch = config.train.global_batch_size
     self._writes = jax.process_index() == 0
     self._last_step = start_step
@@ -289,7 +301,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, stage: int,
           f'no stage-{stage} checkpoint in {checkpoints.directory} (workdir '
           f'{os.path.abspath(workdir)}); train it first (--mode=train) or point '
           '--workdir at a trained run')
-    return checkpoints.restore(step, abstract_train_state(config, mesh)), step
+    return checkpoints.restore(step, abstract_train_state(config, mesh, stage)), step
   finally:
     checkpoints.close()
 
@@ -339,12 +351,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: int) -> TrainS
   checkpoints = checkpoints_lib.Checkpoints(checkpoint_dir(workdir, stage), config.train)
   start_step = checkpoints.latest_step() or 0
   if start_step:
-    state = checkpoints.restore(start_step, abstract_train_state(config, mesh))
+    state = checkpoints.restore(start_step, abstract_train_state(config, mesh, stage))
     logging.info('stage %d resumed from the checkpoint at step %d', stage, start_step)
   else:
     key = jax.random.fold_in(prng_key(config.seed), stage)
-    state = jax.device_put(create_train_state(config, key), parallel.replicated(mesh))
-  if start_step >= config.train.num_steps:
+    state = jax.device_put(create_train_state(config, key, stage), parallel.replicated(mesh))
+  num_steps = stage_steps(config, stage)
+  if start_step >= num_steps:
     checkpoints.close()
     return state
 
@@ -357,7 +370,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: int) -> TrainS
       stream=stage)
   host_batches = pipeline.batches(
       images, make_sampler_factory(config, stage, images), plan, start_step,
-      config.train.num_steps, config.train.num_workers, config.train.prefetch_batches)
+      num_steps, config.train.num_workers, config.train.prefetch_batches)
   step_fn = parallel.data_parallel(
       functools.partial(train_step, objective=objective(config, stage)), mesh,
       xla_options.compiler_options(config))
@@ -377,9 +390,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: int) -> TrainS
     done = step + 1
     if step == start_step:
       clock.reset()  # the first fetch waited for the workers to start
-    if step == start_step or done % config.train.log_every == 0 or done == config.train.num_steps:
+    if step == start_step or done % config.train.log_every == 0 or done == num_steps:
       progress.log(done, metrics, clock, first=step == start_step)
-    if done % config.train.checkpoint_every == 0 or done == config.train.num_steps:
+    if done % config.train.checkpoint_every == 0 or done == num_steps:
       checkpoints.save(done, state, config)
   logging.info('stage %d: the training loop waited for data %.1f%% of its wall time',
                stage, 100 * clock.total_fraction())

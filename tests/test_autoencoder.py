@@ -3,25 +3,15 @@
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+from layer_dtypes import conv_output_dtypes  # tests/layer_dtypes.py
 from twostage_jax import losses
 from twostage_jax.models import BauerAutoencoder
-
-
-def conv_output_dtypes(model, variables, x):
-  """{output channels: dtypes} of every convolution of a forward pass."""
-  _, state = model.apply(variables, x, train=False, mutable=['intermediates'],
-                         capture_intermediates=lambda module, _: isinstance(module, nn.Conv))
-  dtypes = {}
-  for output in jax.tree.leaves(state['intermediates']):
-    dtypes.setdefault(output.shape[-1], set()).add(output.dtype)
-  return dtypes
 
 
 def paper_model():

@@ -11,6 +11,7 @@ from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 from configs import mvtec
+from layer_dtypes import conv_output_dtypes  # tests/layer_dtypes.py
 from twostage_jax import losses
 from twostage_jax.models import SegmentationNet, layers
 
@@ -20,16 +21,6 @@ def count_params(width, image_size=256, dtype=jnp.float32):
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False))
   return sum(x.size for x in jax.tree.leaves(variables['params']))
-
-
-def conv_output_dtypes(model, variables, x):
-  """{output channels: dtypes} of every convolution of a forward pass."""
-  _, state = model.apply(variables, x, train=False, mutable=['intermediates'],
-                         capture_intermediates=lambda module, _: isinstance(module, nn.Conv))
-  dtypes = {}
-  for output in jax.tree.leaves(state['intermediates']):
-    dtypes.setdefault(output.shape[-1], set()).add(output.dtype)
-  return dtypes
 
 
 def test_parameter_count_at_paper_width():

@@ -139,8 +139,9 @@ def stage_loss(config: ml_collections.ConfigDict, stage: int) -> ml_collections.
 def objective(config: ml_collections.ConfigDict, stage: int) -> Objective:
   """The training objective of `stage` of `config.method`.
 
-  Two-stage model: SSIM + L2 against the mask with `stage_loss`. Bauer: the masked contrast objective `loss.objective`
-  between the reconstruction and the normal image ('target').
+  Two-stage model: SSIM + L2 against the mask with `stage_loss`. Bauer: the
+  masked contrast objective `loss.objective` between the reconstruction and
+  the normal image ('target').
   """
   if config.method == 'bauer':
     return lambda prediction, batch: losses.masked_contrast_loss(
@@ -201,17 +202,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
   return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
+def _store_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """SAIM's SLIC settings and where stores live; all cores build a missing one."""
+  return {'n_segments': config.synthesis.saim_n_segments,
+          'compactness': config.synthesis.saim_compactness,
+          'sigma': config.synthesis.saim_sigma,
+          'cache_dir': data.default_cache_dir(config.cache_dir),
+          'num_processes': os.cpu_count() or 1}
+
+
 def anomaly_sources(config: ml_collections.ConfigDict) -> synthesis.SourceStore:
   """The memory-mapped store of the anomaly sources and their SLIC labels.
 
-  Built on the first run on a machine (all cores decode and segment the
-  sources) and reused by later runs with the same sources and settings.
+  Built on the first run on a machine and reused by later runs with the
+  same sources and settings.
   """
-  synthesis_config = config.synthesis
-  return synthesis.build_source_store(
-      config.anomaly_source_dir, config.image_size, synthesis_config.saim_n_segments,
-      synthesis_config.saim_compactness, synthesis_config.saim_sigma,
-      data.default_cache_dir(config.cache_dir), num_processes=os.cpu_count() or 1)
+  return synthesis.build_source_store(config.anomaly_source_dir, config.image_size,
+                                      **_store_settings(config))
 
 
 def make_sampler_factory(config: ml_collections.ConfigDict, stage: int,
@@ -227,11 +234,8 @@ def make_sampler_factory(config: ml_collections.ConfigDict, stage: int,
     return functools.partial(synthesis.TrainingSampler, None, config, stage)
   self_sources = None
   if config.synthesis.p_self_source > 0:
-    synthesis_config = config.synthesis
-    self_sources = synthesis.build_image_store(
-        images, f'{config.category}-train', synthesis_config.saim_n_segments,
-        synthesis_config.saim_compactness, synthesis_config.saim_sigma,
-        data.default_cache_dir(config.cache_dir), num_processes=os.cpu_count() or 1)
+    self_sources = synthesis.build_image_store(images, f'{config.category}-train',
+                                               **_store_settings(config))
   return functools.partial(synthesis.TrainingSampler, anomaly_sources(config), config, stage,
                            self_sources)
 

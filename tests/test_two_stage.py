@@ -18,6 +18,7 @@ from twostage_jax import data
 from twostage_jax import evaluate
 from twostage_jax import inference
 from twostage_jax import predict
+from twostage_jax import synthesis
 from twostage_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +42,7 @@ def tiny_config(cache_dir, **extra):
       'eval.num_examples': 2,
       # A low bar so that stage 1 flags superpixels after only 4 steps.
       'refine.threshold_rule': 'relative',
+      'synthesis.p_self_source': 0.3,
       **extra,
   })
   return config
@@ -158,6 +160,17 @@ def test_training_never_sees_the_held_out_images(trained):
   assert len(kept) + len(held_out) == len(everything)
   kept_bytes = {image.tobytes() for image in kept}
   assert not any(image.tobytes() in kept_bytes for image in held_out)
+
+
+def test_self_sources_are_the_training_images_without_the_held_out_ones(trained):
+  config, _, _ = trained
+  kept, held_out = train.training_images(config)
+  stores = os.path.join(config.cache_dir, 'sources')
+  [name] = [n for n in os.listdir(stores) if n.startswith(f'{config.category}-train-')]
+  store = synthesis.SourceStore.open(os.path.join(stores, name))
+  np.testing.assert_array_equal(store.images, kept)
+  assert store.n_segments == tuple(sorted(config.synthesis.saim_n_segments))
+  assert len(held_out) > 0
 
 
 def test_a_stage1_only_run_reports_one_row(trained, tmp_path):

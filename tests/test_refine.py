@@ -88,7 +88,7 @@ def test_tasad_rule_drops_the_background_level_and_saturates_above_one():
   maps[0, 4:8, 4:8] = 1.3  # level 331: saturates to 255, not the uint8 wrap to 75
   flags = np.asarray(refine.tasad_flags(jnp.asarray(maps), 0.95, 100))
   np.testing.assert_array_equal(flags[0], maps[0] > 1)
-  absolute = np.asarray(refine.threshold(jnp.asarray(maps), refine_config(threshold=0.12)))
+  absolute = np.asarray(refine.threshold(jnp.asarray(maps), refine_config(threshold_rule='absolute', threshold=0.12)))
   assert absolute.all()  # an absolute cut at the same level keeps the background
 
 
@@ -98,7 +98,7 @@ def test_isolated_pixel_is_dropped_and_a_blob_selects_every_superpixel_it_touche
   maps[0, 3, 28] = 1.0  # one stray pixel in tile 3
   maps[0, 14:18, 14:18] = 1.0  # a 4x4 blob on the corner of tiles 5, 6, 9, 10
   selected = np.asarray(refine.region(jnp.asarray(maps), jnp.asarray(labels, jnp.int32),
-                                      refine_config()))
+                                      refine_config(threshold_rule='absolute')))
   expected = np.isin(labels, [5, 6, 9, 10])
   np.testing.assert_array_equal(selected, expected)
 
@@ -106,7 +106,8 @@ def test_isolated_pixel_is_dropped_and_a_blob_selects_every_superpixel_it_touche
 def test_nothing_flagged_gives_an_all_zero_stage2_input():
   images = jnp.ones((2, 8, 8, 3))
   labels = jnp.zeros((2, 8, 8), jnp.int32)
-  selected = refine.region(jnp.full((2, 8, 8), 0.2), labels, refine_config())
+  selected = refine.region(jnp.full((2, 8, 8), 0.2), labels,
+                           refine_config(threshold_rule='absolute'))
   assert not np.asarray(selected).any()
   assert not np.asarray(refine.masked_input(images, selected)).any()
 
@@ -144,7 +145,7 @@ def test_stage2_batch_uses_frozen_stage1_and_keeps_the_target():
   labels = jnp.asarray(np.kron(np.arange(4).reshape(2, 2), np.ones((8, 8), int))[None],
                        jnp.int32)
   batch = {'image': images, 'mask': jnp.ones((1, 16, 16)), 'labels': labels}
-  config = ml_collections.ConfigDict(refine_config())
+  config = ml_collections.ConfigDict(refine_config(threshold_rule='absolute'))
 
   out = refine.stage2_batch(stage1_apply, {'gain': 1.0}, batch, config)
   expected = np.zeros((1, 16, 16, 3), np.float32)

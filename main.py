@@ -17,7 +17,6 @@ autoencoder (configs/bauer.py), through the same modes:
 Running the same training command again resumes where it stopped.
 """
 
-import json
 import os
 
 import jax
@@ -27,6 +26,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from twostage_jax import atomic_write
 from twostage_jax import config_validation
 from twostage_jax import data
 from twostage_jax import evaluate
@@ -81,13 +81,11 @@ def run_all_categories(config: ml_collections.ConfigDict, workdir: str, mode: st
     results.append(run_category(category_config, os.path.join(workdir, category), mode))
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, 'eval')
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+    atomic_write.write_json(os.path.join(out_dir, 'summary.json'), results)
     figures = {f'{r["category"]}: test images': f'../{r["category"]}/eval/examples.png'
                for r in results}
-    with open(os.path.join(out_dir, 'report.md'), 'w') as f:
-      f.write(report.markdown_report(results, 'Evaluation: all categories', figures))
+    atomic_write.write_text(os.path.join(out_dir, 'report.md'),
+                            report.markdown_report(results, 'Evaluation: all categories', figures))
   print(report.format_table(results), flush=True)
 
 

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from twostage_jax import atomic_write
 from twostage_jax import inference
 from twostage_jax import train
 
@@ -76,7 +77,5 @@ def ensure_thresholds(config: ml_collections.ConfigDict, workdir: str,
   logging.info('decision thresholds from %d held-out normal images: image %.4g, pixel %.4g',
                thresholds['num_holdout_images'], thresholds['image'], thresholds['pixel'])
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(thresholds, f, indent=2)
+    atomic_write.write_json(path, thresholds)
   return thresholds

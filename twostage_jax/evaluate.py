@@ -8,7 +8,6 @@ computed once. Output in `<workdir>/eval/`: metrics.json, report.md,
 roc.png, pro.png, examples.png.
 """
 
-import json
 import os
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from twostage_jax import area_protocol
+from twostage_jax import atomic_write
 from twostage_jax import calibration
 from twostage_jax import data
 from twostage_jax import inference
@@ -140,9 +140,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       source = 'the best pixel F1 on the test set'
     figures = _write_figures(out_dir, config, test, maps, scores, model.final_map,
                              pixel_threshold, source)
-    with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-      json.dump(results, f, indent=2)
-    with open(os.path.join(out_dir, 'report.md'), 'w') as f:
-      f.write(report.markdown_report([results], f'Evaluation: {config.category}', figures))
+    atomic_write.write_json(os.path.join(out_dir, 'metrics.json'), results)
+    atomic_write.write_text(os.path.join(out_dir, 'report.md'),
+                            report.markdown_report([results], f'Evaluation: {config.category}',
+                                                   figures))
   print(report.format_table([results]), flush=True)
   return results

@@ -136,6 +136,14 @@ def test_thresholds_are_quantiles_of_the_held_out_normal_images(trained):
   changed.calibration.pixel_quantile = 0.5
   again = calibration.ensure_thresholds(changed, workdir, model)
   assert again['pixel'] == pytest.approx(np.quantile(maps['combined'], 0.5), rel=1e-6)
+
+  # Smoothing changes the maps, so thresholds stored for unsmoothed maps are stale.
+  smoothed = config.copy_and_resolve_references()
+  smoothed.eval.map_sigma = 2.0
+  again = calibration.ensure_thresholds(smoothed, workdir, model)
+  smoothed_maps = inference.anomaly_maps(smoothed, model, held_out)
+  assert again['pixel'] == pytest.approx(np.quantile(smoothed_maps['combined'], 0.999), rel=1e-6)
+  assert json.load(open(calibration.thresholds_path(workdir)))['map_sigma'] == 2.0
   calibration.ensure_thresholds(config, workdir, model)  # restores the stored ones
 
 

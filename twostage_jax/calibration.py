@@ -8,8 +8,10 @@ quantile of all their pixels. Only normal images are used, never the test
 set, so the thresholds are an honest operating point: about
 1 - image_quantile of normal images are flagged.
 
-They are stored as `<workdir>/checkpoints/thresholds.json` together with the
-checkpoint steps they were computed for, and recomputed when those change.
+They are stored as `<workdir>/checkpoints/thresholds.json` together with
+everything they were computed for (checkpoint steps, method, image size,
+held-out split, refinement, smoothing and score rule, quantiles), and
+recomputed when any of that changes.
 """
 
 import json
@@ -48,20 +50,33 @@ def compute_thresholds(config: ml_collections.ConfigDict,
   return {
       'image': float(np.quantile(scores[final], config.calibration.image_quantile)),
       'pixel': float(np.quantile(maps[final], config.calibration.pixel_quantile)),
-      'map': final,
       'num_holdout_images': len(held_out),
+      **_computed_for(config, model),
+  }
+
+
+def _computed_for(config: ml_collections.ConfigDict,
+                  model: inference.TrainedModel) -> dict[str, Any]:
+  """Everything besides the weights that changes the held-out maps or scores."""
+  return {
+      **model.steps,
+      'map': model.final_map,
+      'method': config.method,
+      'image_size': config.image_size,
+      'seed': config.seed,  # with the fraction, picks the held-out images
+      'holdout_fraction': config.calibration.holdout_fraction,
       'image_quantile': config.calibration.image_quantile,
       'pixel_quantile': config.calibration.pixel_quantile,
-      **model.steps,
+      'map_sigma': config.eval.map_sigma,
+      'score_rule': config.eval.score_rule,
+      'score_filter_size': config.eval.score_filter_size,
+      'refine': config.refine.to_dict() if 'refine' in config else None,
   }
 
 
 def _is_current(thresholds: dict[str, Any], config: ml_collections.ConfigDict,
                 model: inference.TrainedModel) -> bool:
-  settings = {**model.steps, 'map': model.final_map,
-              'image_quantile': config.calibration.image_quantile,
-              'pixel_quantile': config.calibration.pixel_quantile}
-  return all(thresholds.get(k) == v for k, v in settings.items())
+  return all(thresholds.get(k) == v for k, v in _computed_for(config, model).items())
 
 
 def ensure_thresholds(config: ml_collections.ConfigDict, workdir: str,

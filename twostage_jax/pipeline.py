@@ -10,6 +10,11 @@ stage 1 was fitted to. A run therefore produces the same
 batches whatever the number of workers or processes, and a resumed run
 continues the exact stream. This module never imports JAX: it runs in the
 worker processes.
+
+The workers are a `WorkerPool`, shared with the SLIC pool of evaluation
+(superpixel_pool.py): a worker that dies, killed by the out-of-memory killer
+or crashed in a C extension, ends the iteration with `WorkerDied` instead of
+leaving it waiting forever for the lost batch.
 """
 
 import collections
@@ -17,8 +22,12 @@ import dataclasses
 import functools
 import itertools
 import multiprocessing
+import pickle
+import signal
+import traceback
+from multiprocessing import connection
 from multiprocessing import shared_memory
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -68,15 +77,204 @@ def build_batch(images: np.ndarray, sample: Sampler, plan: BatchPlan,
   return {name: np.stack([s[name] for s in samples]) for name in samples[0]}
 
 
+class WorkerDied(RuntimeError):
+  """A worker process ended while it owed results: they are lost, so waiting is pointless."""
+
+  def __init__(self, message: str, index: int | None = None, pid: int | None = None,
+               exitcode: int | None = None):
+    super().__init__(message)
+    self.index = index
+    self.pid = pid
+    self.exitcode = exitcode
+
+
+class WorkerTraceback(Exception):
+  """The formatted traceback of an exception raised in a worker, as its cause."""
+
+
+# Time for the operating system to report the exit code of a worker whose pipe
+# or sentinel already says it has ended; also how long a stopped worker gets.
+_EXIT_TIMEOUT_S = 5.0
+
+
+def _why_it_ended(exitcode: int | None) -> str:
+  """What a worker's exit code says about its end, for the message of WorkerDied."""
+  if exitcode is None:
+    return 'closed its pipe but still runs'
+  if exitcode > 0:
+    return f'exited with code {exitcode} (its traceback, if any, is in the log above)'
+  if exitcode == 0:
+    return 'exited before answering its tasks'
+  try:
+    sig = signal.Signals(-exitcode)
+  except ValueError:
+    return f'was ended by signal {-exitcode}'
+  if sig == signal.SIGKILL:
+    return 'was killed (SIGKILL), e.g. by the out-of-memory killer (see dmesg)'
+  if sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT):
+    return (f"crashed in native code ({sig.name}), e.g. in a C extension such as "
+            "scikit-image's SLIC")
+  return f'was ended by {sig.name}'
+
+
+def _failure(error: Exception) -> tuple[Exception, str]:
+  """`error` (or its text, when it does not survive pickling) and its traceback."""
+  text = ''.join(traceback.format_exception(error))
+  try:
+    pickle.loads(pickle.dumps(error))
+  except Exception:  # pylint: disable=broad-except
+    error = RuntimeError(f'{type(error).__name__}: {error}')
+  return error, text
+
+
+def _raise(error: Exception, *task: Any) -> None:
+  """The task function of a worker whose setup failed: every task reports why."""
+  del task
+  raise error
+
+
+def _serve(pipe: connection.Connection, setup: Callable[..., Callable[..., Any]],
+           setup_args: tuple[Any, ...]) -> None:
+  """A worker: answers the tasks that arrive on `pipe` until the parent closes it."""
+  # Ctrl-C reaches the whole process group; the parent handles it and stops its workers.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    run = setup(*setup_args)
+  except Exception as error:  # pylint: disable=broad-except
+    run = functools.partial(_raise, error)
+  while True:
+    try:
+      task = pipe.recv()
+    except EOFError:  # the parent closed the pool or has gone
+      return
+    try:
+      reply = (True, run(*task))
+    except Exception as error:  # pylint: disable=broad-except
+      reply = (False, _failure(error))
+    try:
+      pipe.send(reply)
+    except OSError:  # the parent has gone
+      return
+
+
+class WorkerPool:
+  """Spawned processes that answer tasks in the order they were submitted.
+
+  multiprocessing.Pool loses the task of a worker that dies and waits for it
+  forever. Here each worker has its own pipe and task k goes to worker
+  k mod n, so the worker owing the oldest task is always known; waiting on
+  its pipe together with every worker's sentinel turns a death into
+  `WorkerDied` at once. A task is sent while its worker may be busy sending
+  a result, so tasks must be small (a step, an index range), never arrays:
+  give those to `setup`.
+  """
+
+  def __init__(self, num_workers: int, setup: Callable[..., Callable[..., Any]],
+               setup_args: tuple[Any, ...], name: str):
+    """Starts the workers.
+
+    Args:
+      num_workers: processes to spawn.
+      setup: picklable; each worker calls it once with `setup_args` and
+        answers every task `args` with `setup(*setup_args)(*args)`.
+      setup_args: picklable arguments of `setup`, sent to every worker.
+      name: what the workers do, for messages, e.g. 'input pipeline'.
+    """
+    context = multiprocessing.get_context('spawn')
+    self._name = name
+    self._processes: list[multiprocessing.process.BaseProcess] = []
+    self._pipes: list[connection.Connection] = []
+    self._submitted = 0
+    self._answered = 0
+    try:
+      for index in range(num_workers):
+        pipe, child_pipe = context.Pipe()
+        process = context.Process(target=_serve, args=(child_pipe, setup, setup_args),
+                                  name=f'{name} worker {index}', daemon=True)
+        try:
+          process.start()
+        except BaseException:
+          pipe.close()
+          raise
+        finally:
+          child_pipe.close()  # the worker's end: closes for good when the worker ends
+        self._processes.append(process)
+        self._pipes.append(pipe)
+    except BaseException:
+      self.close()
+      raise
+
+  @property
+  def pids(self) -> list[int]:
+    """Process ids of the workers, by worker index."""
+    return [process.pid for process in self._processes]
+
+  def submit(self, *args: Any) -> None:
+    """Queues a task; its result comes after those of the tasks submitted before."""
+    index = self._submitted % len(self._pipes)
+    try:
+      self._pipes[index].send(args)
+    except OSError:
+      raise self._died(index) from None
+    self._submitted += 1
+
+  def result(self) -> Any:
+    """The result of the oldest unanswered task.
+
+    Raises:
+      WorkerDied: a worker ended: its tasks' results are lost.
+      Exception: the one the task raised in its worker.
+    """
+    if self._answered == self._submitted:
+      raise RuntimeError('no task is pending')
+    index = self._answered % len(self._pipes)
+    pipe = self._pipes[index]
+    sentinels = {process.sentinel: i for i, process in enumerate(self._processes)}
+    ready = connection.wait([pipe, *sentinels])
+    dead = [sentinels[item] for item in ready if item is not pipe]
+    if dead:
+      raise self._died(dead[0])
+    try:
+      succeeded, value = pipe.recv()
+    except EOFError:
+      raise self._died(index) from None
+    self._answered += 1
+    if succeeded:
+      return value
+    error, text = value
+    raise error from WorkerTraceback(text)
+
+  def _died(self, index: int) -> WorkerDied:
+    process = self._processes[index]
+    process.join(_EXIT_TIMEOUT_S)
+    return WorkerDied(
+        f'{self._name} worker {index} (pid {process.pid}) '
+        f'{_why_it_ended(process.exitcode)}; its tasks are lost',
+        index, process.pid, process.exitcode)
+
+  def close(self) -> None:
+    """Stops the workers, busy or not, and waits until they are gone."""
+    for pipe in self._pipes:
+      pipe.close()
+    for process in self._processes:
+      process.terminate()
+    for process in self._processes:
+      process.join(_EXIT_TIMEOUT_S)
+      if process.exitcode is None:
+        process.kill()
+        process.join()
+      process.close()
+    self._processes, self._pipes = [], []
+
+  def __enter__(self) -> 'WorkerPool':
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+
 # Layout of a batch written into a shared-memory slot: (name, shape, dtype, offset).
 _Layout = list[tuple[str, tuple[int, ...], str, int]]
-
-_worker_state: dict = {}
-
-
-def _init_worker(images: np.ndarray, make_sampler: SamplerFactory,
-                 plan: BatchPlan) -> None:
-  _worker_state.update(images=images, sample=make_sampler(), plan=plan, slots={})
 
 
 def _write_to_slot(batch: dict[str, np.ndarray], slot: shared_memory.SharedMemory
@@ -92,15 +290,21 @@ def _write_to_slot(batch: dict[str, np.ndarray], slot: shared_memory.SharedMemor
   return layout
 
 
-def _worker_batch(step: int, slot_name: str | None) -> dict[str, np.ndarray] | _Layout:
-  """Builds batch `step`; writes it to the named slot when given one."""
-  s = _worker_state
-  batch = build_batch(s['images'], s['sample'], s['plan'], step)
-  if slot_name is None:
-    return batch
-  if slot_name not in s['slots']:
-    s['slots'][slot_name] = shared_memory.SharedMemory(name=slot_name)
-  return _write_to_slot(batch, s['slots'][slot_name]) or batch
+def _batch_builder(images: np.ndarray, make_sampler: SamplerFactory, plan: BatchPlan
+                   ) -> Callable[[int, str | None], dict[str, np.ndarray] | _Layout]:
+  """A worker's task: build batch `step`, into the named slot when given one."""
+  sample = make_sampler()
+  slots: dict[str, shared_memory.SharedMemory] = {}
+
+  def build(step: int, slot_name: str | None) -> dict[str, np.ndarray] | _Layout:
+    batch = build_batch(images, sample, plan, step)
+    if slot_name is None:
+      return batch
+    if slot_name not in slots:
+      slots[slot_name] = shared_memory.SharedMemory(name=slot_name)
+    return _write_to_slot(batch, slots[slot_name]) or batch
+
+  return build
 
 
 class _SharedSlots:
@@ -154,7 +358,9 @@ def batches(images: np.ndarray, make_sampler: SamplerFactory,
 
   With `num_workers` > 0 a pool of spawned processes builds up to `prefetch`
   batches ahead of the consumer and hands them over in shared memory;
-  `make_sampler` must be picklable and is called once in each worker.
+  `make_sampler` must be picklable and is called once in each worker. A
+  worker that dies raises `WorkerDied`; an exception in a worker's sampler
+  is raised here.
   """
   steps = range(start_step, num_steps)
   if num_workers == 0:
@@ -164,21 +370,22 @@ def batches(images: np.ndarray, make_sampler: SamplerFactory,
     return
   in_flight = max(prefetch, 1)
   slots = _SharedSlots(in_flight)
-  context = multiprocessing.get_context('spawn')
   try:
-    with context.Pool(num_workers, _init_worker, (images, make_sampler, plan)) as pool:
+    with WorkerPool(num_workers, _batch_builder, (images, make_sampler, plan),
+                    'input pipeline') as pool:
       pending = collections.deque()
 
       def submit(step: int) -> None:
         slot = slots.acquire()
-        pending.append((pool.apply_async(_worker_batch, (step, slot)), slot))
+        pool.submit(step, slot)
+        pending.append(slot)
 
       queued = iter(steps)
       for step in itertools.islice(queued, in_flight):
         submit(step)
       while pending:
-        result, slot = pending.popleft()
-        result = result.get()
+        slot = pending.popleft()
+        result = pool.result()
         if isinstance(result, dict):
           batch = result
           slots.allocate(batch)

@@ -1,12 +1,15 @@
 """Tests of dataset reading: image decoding, MVTec layout folders, demo set."""
 
 import os
+import re
+import shutil
 
 import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
+from configs import mvtec as mvtec_config
 from twostage_jax import data
 from twostage_jax.data import cache
 from twostage_jax.data import demo
@@ -94,16 +97,16 @@ def test_read_rgb_resizes_bilinear(tmp_path):
   assert images.image_size_of(path) == (40, 24)
 
 
-def test_read_mask_binarises_after_resizing(tmp_path):
+def test_read_mask_binarises_then_resizes(tmp_path):
   mask = np.zeros((8, 8), dtype=np.uint8)
   mask[:, :4] = 255
-  mask[:, 4:6] = 100  # Below half: background.
+  mask[:, 4:6] = 100  # Not 255, still anomalous: any non-zero value is.
   path = _save(tmp_path / 'm.png', mask)
   small = images.read_mask(path, 4)
   assert small.dtype == bool and small.shape == (4, 4)
-  np.testing.assert_array_equal(small, np.repeat([[1, 1, 0, 0]], 4, 0) > 0)
+  np.testing.assert_array_equal(small, np.repeat([[1, 1, 1, 0]], 4, 0) > 0)
   full = images.read_mask(path, 8)
-  np.testing.assert_array_equal(full, mask == 255)
+  np.testing.assert_array_equal(full, mask > 0)
 
 
 def test_corrupt_file_raises_dataset_error(tmp_path):
@@ -113,6 +116,69 @@ def test_corrupt_file_raises_dataset_error(tmp_path):
     images.read_rgb(str(path), 8)
   with pytest.raises(data.DatasetError, match='broken.png'):
     images.image_size_of(str(path))
+
+
+def _box(size, top, bottom, left, right):
+  box = np.zeros((size, size), dtype=bool)
+  box[top:bottom, left:right] = True
+  return box
+
+
+@pytest.mark.parametrize('dtype', [np.uint8, np.uint16, np.float32, bool])
+def test_read_mask_any_non_zero_value_is_anomalous(tmp_path, dtype):
+  """0/1 masks (8-bit, 16-bit, float, 1-bit) read like MVTec's 0/255 ones."""
+  mask = np.zeros((8, 8), dtype=dtype)
+  mask[2:6, 2:6] = 1
+  path = _save(tmp_path / ('m.tif' if dtype == np.float32 else 'm.png'), mask)
+  np.testing.assert_array_equal(images.read_mask(path, 8), mask > 0)
+  np.testing.assert_array_equal(images.read_mask(path, 4), _box(4, 1, 3, 1, 3))
+
+
+def test_empty_mask_is_an_error(tmp_path):
+  path = _save(tmp_path / 'blank_mask.png', np.zeros((8, 8), dtype=np.uint8))
+  with pytest.raises(data.DatasetError, match=r'mask .*blank_mask\.png is empty'):
+    images.read_mask(path, 8)
+
+
+def _float_gradient(high):
+  """A float32 (8, 8) image rising from 0 to `high` along the rows."""
+  return np.repeat(np.linspace(0.0, high, 8, dtype=np.float32)[None], 8, axis=0)
+
+
+@pytest.mark.parametrize('high', [1.0, 255.0])
+def test_read_rgb_float_tiff(tmp_path, high):
+  """[0, 1] float images scale to 0..255; larger values are 0..255 already."""
+  path = _save(tmp_path / 'x.tif', _float_gradient(high))
+  with Image.open(path) as image:
+    assert image.mode == 'F'
+  rgb = images.read_rgb(path, 8)
+  expected = np.rint(_float_gradient(255.0)).astype(np.uint8)
+  np.testing.assert_array_equal(rgb, np.stack([expected] * 3, axis=-1))
+
+
+def test_float_tiffs_in_training_and_prediction(tmp_path):
+  """Both read through `read_rgb`, so neither sees the float image as black."""
+  data_dir = _make_category(tmp_path / 'data')
+  train_good = os.path.join(data_dir, 'widget', 'train', 'good')
+  os.remove(os.path.join(train_good, '003.png'))
+  _save(os.path.join(train_good, '003.tif'),
+        np.full((32, 32), 0.5, dtype=np.float32))
+  train = data.load_train_images(data_dir, 'widget', 16)
+  assert (train[3] == 128).all()
+  predicted = data.load_image_folder(train_good, 16)
+  assert predicted.paths[3].endswith('003.tif')
+  assert (predicted.images[3] == 128).all()
+
+
+def test_float_rgb_tiff_names_the_file_and_the_remedy(tmp_path):
+  """PIL cannot hold three float channels: the error says so, not just 'cannot identify'."""
+  tifffile = pytest.importorskip('tifffile')
+  path = str(tmp_path / 'float_rgb.tif')
+  tifffile.imwrite(path, np.full((8, 8, 3), 0.5, np.float32), photometric='rgb')
+  for read in (lambda: images.read_rgb(path, 8), lambda: images.image_size_of(path)):
+    with pytest.raises(data.DatasetError, match='float_rgb.tif') as error:
+      read()
+    assert 'save multi-channel float TIFFs as 8- or 16-bit' in str(error.value)
 
 
 # --- mvtec.py -----------------------------------------------------------------
@@ -208,9 +274,144 @@ def test_unreadable_image_in_category(tmp_path):
   assert os.path.join('train', 'good', '001.png') in str(error.value)
 
 
+def test_list_categories_none_found_says_what_layout_it_expects(tmp_path):
+  os.makedirs(tmp_path / 'photos' / 'good')
+  with pytest.raises(data.DatasetError, match='no categories in') as error:
+    data.list_categories(str(tmp_path))
+  assert str(tmp_path) in str(error.value)
+  assert os.path.join('<category>', 'train', 'good') in str(error.value)
+  # A category folder given as data_dir: the message points at its parent.
+  data_dir = _make_category(tmp_path / 'data')
+  category = os.path.join(data_dir, 'widget')
+  with pytest.raises(data.DatasetError,
+                     match=f'set data_dir to its parent {re.escape(data_dir)}$'):
+    data.list_categories(category)
+  # Looking up a category there still lists the (no) categories, not this error.
+  with pytest.raises(data.DatasetError, match=r"category 'x' not found.*: none\)"):
+    data.load_train_images(str(tmp_path), 'x', 16)
+
+
+@pytest.mark.parametrize('split,subfolder', [
+    ('test', os.path.join('test', 'crack', 'sub')),
+    ('test', os.path.join('test', 'good', 'more', 'deeper')),
+    ('train', os.path.join('train', 'good', 'extra')),
+])
+def test_images_in_a_subfolder_are_an_error(tmp_path, split, subfolder):
+  """The reader would leave them out of training or evaluation unnoticed."""
+  data_dir = _make_category(tmp_path)
+  nested = os.path.join(data_dir, 'widget', subfolder)
+  _save(os.path.join(nested, '001.png'), _flat(1))
+  load = data.load_test_set if split == 'test' else data.load_train_images
+  top = os.path.join(data_dir, 'widget', *subfolder.split(os.sep)[:3])
+  with pytest.raises(data.DatasetError, match=f'images in subfolder {re.escape(top)} ') as error:
+    load(data_dir, 'widget', 16)
+  assert 'would be left out' in str(error.value)
+
+
+def test_subfolders_without_images_are_fine(tmp_path):
+  data_dir = _make_category(tmp_path)
+  os.makedirs(tmp_path / 'widget' / 'test' / 'crack' / 'notes')
+  (tmp_path / 'widget' / 'test' / 'crack' / 'notes' / 'readme.txt').write_text('x')
+  _save(tmp_path / 'widget' / 'test' / 'crack' / '.cache' / '000.png', _flat(1))
+  assert len(data.load_test_set(data_dir, 'widget', 16).paths) == 5
+
+
+def test_images_directly_in_test_are_an_error(tmp_path):
+  data_dir = _make_category(tmp_path)
+  _save(tmp_path / 'widget' / 'test' / 'stray.png', _flat(1))
+  with pytest.raises(data.DatasetError, match=r'images directly in .*test would '
+                     r'be left out \(stray\.png\)'):
+    data.load_test_set(data_dir, 'widget', 16)
+
+
+def test_zero_one_masks_read_like_zero_255_ones(tmp_path):
+  data_dir = _make_category(tmp_path)
+  before = data.load_test_set(data_dir, 'widget', 16)
+  for defect, count in (('crack', 2), ('bent', 1)):
+    for i in range(count):
+      _save(os.path.join(data_dir, 'widget', 'ground_truth', defect,
+                         f'{i:03d}_mask.png'), _mask(top=8 + i) // 255)
+  after = data.load_test_set(data_dir, 'widget', 16)
+  assert after.masks[:3].any(axis=(1, 2)).all()
+  np.testing.assert_array_equal(after.masks, before.masks)
+
+
+def _split_config(data_dir, tmp_path, category='widget'):
+  config = mvtec_config.get_config()
+  config.data_dir = data_dir
+  config.category = category
+  config.cache_dir = str(tmp_path / 'cache')
+  return config
+
+
+def _no_image_decoding(monkeypatch):
+  def fail(*args):
+    raise AssertionError(f'check_test_split decoded an image: {args}')
+
+  monkeypatch.setattr(images, 'read_rgb', fail)
+
+
+def test_check_test_split_passes_the_demo_set_and_a_folder(tmp_path, monkeypatch):
+  demo_config = _split_config('', tmp_path, category='washer')
+  demo_config.demo.update(num_train=2, num_test_good=1, num_test_per_defect=1,
+                          image_size=32)
+  data_dir = _make_category(tmp_path / 'data')
+  _no_image_decoding(monkeypatch)
+  data.check_test_split(demo_config)
+  data.check_test_split(_split_config(data_dir, tmp_path))
+
+
+def _without_mask(category):
+  os.remove(os.path.join(category, 'ground_truth', 'crack', '001_mask.png'))
+  return r'test/crack/001\.png has no mask: expected .*001_mask\.png$'
+
+
+def _mask_of_other_size(category):
+  _save(os.path.join(category, 'ground_truth', 'bent', '000_mask.png'), _mask(24))
+  return r'mask .*bent/000_mask\.png has size .* \(24, 24\) but its image .*\(32, 32\)'
+
+
+def _blank_mask(category):
+  _save(os.path.join(category, 'ground_truth', 'crack', '000_mask.png'),
+        np.zeros((32, 32), dtype=np.uint8))
+  return r'mask .*crack/000_mask\.png is empty'
+
+
+def _only_good(category):
+  shutil.rmtree(os.path.join(category, 'test', 'crack'))
+  shutil.rmtree(os.path.join(category, 'test', 'bent'))
+  return r'test split .*widget/test has only defect-free images'
+
+
+def _no_good(category):
+  shutil.rmtree(os.path.join(category, 'test', 'good'))
+  return r'test split .*widget/test has no defect-free images'
+
+
+def _nested_defect_images(category):
+  _save(os.path.join(category, 'test', 'crack', 'sub', '001.png'), _flat(1))
+  return r'images in subfolder .*test/crack/sub would be left out'
+
+
+@pytest.mark.parametrize('damage', [
+    _without_mask, _mask_of_other_size, _blank_mask, _only_good, _no_good,
+    _nested_defect_images])
+def test_check_test_split_raises_what_the_reader_would(tmp_path, monkeypatch, damage):
+  """Found before training, from listings and headers, with the reader's message."""
+  data_dir = _make_category(tmp_path / 'data')
+  pattern = damage(os.path.join(data_dir, 'widget'))
+  with pytest.raises(data.DatasetError, match=pattern) as read_error:
+    data.load_test_set(data_dir, 'widget', 16)
+  _no_image_decoding(monkeypatch)
+  with pytest.raises(data.DatasetError) as check_error:
+    data.check_test_split(_split_config(data_dir, tmp_path))
+  assert str(check_error.value) == str(read_error.value)
+
+
 @pytest.mark.skipif(not os.path.isdir(os.path.join(_REAL_DATA_DIR, 'bottle')),
                     reason='MVTec AD bottle not available')
-def test_real_mvtec_bottle():
+def test_real_mvtec_bottle(tmp_path):
+  data.check_test_split(_split_config(_REAL_DATA_DIR, tmp_path, 'bottle'))
   train = data.load_train_images(_REAL_DATA_DIR, 'bottle', 64)
   test = data.load_test_set(_REAL_DATA_DIR, 'bottle', 64)
   assert train.shape == (209, 64, 64, 3)

@@ -1,7 +1,9 @@
 """The tfds cache of a category returns exactly what the folder reader returns."""
 
 import glob
+import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -223,7 +225,8 @@ def test_a_process_losing_the_build_race_reads_the_winners_cache(dataset, monkey
   np.testing.assert_array_equal(train, mvtec.load_train_images(data_dir, 'widget', 32))
   versions = glob.glob(os.path.join(tfds_cache.cache_root(str(cache_dir)), '*',
                                     'mvtec_layout', '*'))
-  assert len(versions) == 1 and os.path.basename(versions[0]) == '1.0.0'
+  assert len(versions) == 1
+  assert os.path.basename(versions[0]) == str(tfds_cache.MvtecLayout.VERSION)
 
 
 def test_tensorflow_is_never_imported(dataset):
@@ -240,3 +243,128 @@ def test_tensorflow_is_never_imported(dataset):
                           text=True, check=True)
   assert result.stdout.split() == ['False', 'True']
   assert len(_cached_splits(cache_dir, 'test')) == 1
+
+
+def _uncompressed_png(path, value):
+  """A PNG whose byte size depends only on its shape, whatever its pixels."""
+  Image.fromarray(np.full((_SIZE, _SIZE, 3), value, dtype=np.uint8)).save(
+      path, compress_level=0)
+
+
+def test_same_size_replacement_with_restored_mtime_builds_a_new_cache(dataset):
+  data_dir, cache_dir = dataset
+  config = _config(data_dir, cache_dir)
+  path = os.path.join(data_dir, 'widget', 'train', 'good', '001.png')
+  _uncompressed_png(path, 10)
+  before = os.stat(path)
+  assert (data.category_train_images(config)[1] == 10).all()
+  _uncompressed_png(path, 200)
+  os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+  after = os.stat(path)
+  assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+  assert (data.category_train_images(config)[1] == 200).all()
+  assert len(_cached_splits(cache_dir, 'train')) == 2
+
+
+def test_touching_a_file_keeps_the_cache(dataset, monkeypatch):
+  """Only contents count: a new mtime alone (a copy, a checkout) rebuilds nothing."""
+  data_dir, cache_dir = dataset
+  config = _config(data_dir, cache_dir)
+  train = data.category_train_images(config)
+  path = os.path.join(data_dir, 'widget', 'train', 'good', '001.png')
+  os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 10**10))
+
+  def fail(*args):
+    raise AssertionError('the cache was rebuilt for a new mtime alone')
+
+  monkeypatch.setattr(mvtec, 'read_train_images', fail)
+  np.testing.assert_array_equal(data.category_train_images(config), train)
+  assert len(_cached_splits(cache_dir, 'train')) == 1
+
+
+def _shard(version_dir):
+  return glob.glob(os.path.join(version_dir, '*.array_record-*'))[0]
+
+
+def _truncate_shard(version_dir):
+  path = _shard(version_dir)
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+  return path
+
+
+def _delete_shard(version_dir):
+  path = _shard(version_dir)
+  os.remove(path)
+  return path
+
+
+def _delete_info(version_dir):
+  path = os.path.join(version_dir, 'dataset_info.json')
+  os.remove(path)
+  return path
+
+
+def _truncate_info(version_dir):
+  path = os.path.join(version_dir, 'dataset_info.json')
+  with open(path, 'r+b') as f:
+    f.truncate(40)
+  return path
+
+
+_DAMAGES = [_truncate_shard, _delete_shard, _delete_info, _truncate_info]
+
+
+@pytest.mark.parametrize('damage', _DAMAGES)
+def test_damaged_cache_is_rebuilt_with_a_warning(dataset, damage, caplog):
+  data_dir, cache_dir = dataset
+  config = _config(data_dir, cache_dir)
+  train = data.category_train_images(config)
+  test = data.category_test_set(config)
+  damaged = [damage(_cached_splits(cache_dir, split)[0]) for split in ('train', 'test')]
+  with caplog.at_level(logging.WARNING):
+    np.testing.assert_array_equal(data.category_train_images(config), train)
+    _assert_same_test_set(data.category_test_set(config), test)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 2
+  for path, warning in zip(damaged, warnings):
+    assert warning.startswith(f'the tfds cache file {path} ')
+    assert 'building it again' in warning
+  for split in ('train', 'test'):
+    assert len(_cached_splits(cache_dir, split)) == 1
+  assert not glob.glob(os.path.join(tfds_cache.cache_root(str(cache_dir)), 'damaged-*'))
+
+
+@pytest.mark.parametrize('damage', [_truncate_shard, _delete_info])
+def test_damaged_cache_that_cannot_be_removed_names_the_file(dataset, damage, monkeypatch):
+  data_dir, cache_dir = dataset
+  config = _config(data_dir, cache_dir)
+  data.category_train_images(config)
+  path = damage(_cached_splits(cache_dir, 'train')[0])
+
+  def refuse(*args):
+    raise PermissionError(13, 'Permission denied', args[0])
+
+  monkeypatch.setattr(os, 'rename', refuse)
+  with pytest.raises(data.DatasetError, match=f'the tfds cache file {re.escape(path)} ') as error:
+    data.category_train_images(config)
+  assert 'cannot be removed to rebuild it' in str(error.value)
+  assert 'data_cache=none' in str(error.value)
+
+
+def test_cache_damaged_again_after_rebuilding_names_the_file(dataset, monkeypatch):
+  data_dir, cache_dir = dataset
+  config = _config(data_dir, cache_dir)
+  prepared = tfds_cache._prepared  # pylint: disable=protected-access
+  damaged = []
+
+  def prepare_then_damage(*args):
+    builder = prepared(*args)
+    damaged.append(_truncate_shard(builder.data_dir))
+    return builder
+
+  monkeypatch.setattr(tfds_cache, '_prepared', prepare_then_damage)
+  with pytest.raises(data.DatasetError, match='even after rebuilding it') as error:
+    data.category_train_images(config)
+  assert len(damaged) == 2
+  assert str(error.value).startswith(f'the tfds cache file {damaged[1]} has an unreadable')

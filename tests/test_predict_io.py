@@ -1,6 +1,7 @@
 """Tests of prediction's host side: reading a folder of images, writing outputs."""
 
 import csv
+import json
 import logging
 import os
 
@@ -8,6 +9,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from twostage_jax import calibration
 from twostage_jax import data
 from twostage_jax import predict
 
@@ -66,9 +68,13 @@ def test_load_image_folder_reads_every_image_mode_sorted(tmp_path, caplog):
   assert (loaded.images[3] == 200).all()  # RGBA: alpha dropped.
   assert (loaded.images[4] == 255).all()  # 16-bit full scale -> 255.
 
+  assert loaded.unreadable == {}
+
   warnings = [r.getMessage() for r in caplog.records
               if r.levelno == logging.WARNING]
-  assert warnings == ['skipping 1 file that is not an image: notes.txt']
+  assert warnings == [
+      'skipping 1 file that is not an image: notes.txt',
+      f'skipping 1 subfolder of {folder} (subfolders are not searched): sub']
   assert '.DS_Store' not in caplog.text and 'inner.png' not in caplog.text
 
 
@@ -134,14 +140,68 @@ def test_load_image_folder_of_an_empty_folder(tmp_path):
   assert str(error.value).endswith(f'in {folder}; found nothing else')
 
 
-def test_load_image_folder_names_a_corrupt_image(tmp_path):
+def test_load_image_folder_names_skipped_subfolders(tmp_path, caplog):
   folder = tmp_path / 'inputs'
   folder.mkdir()
-  _write_image(folder / 'good.png', np.zeros((8, 8, 3), np.uint8))
-  (folder / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
-  with pytest.raises(data.DatasetError,
-                     match=f'cannot read image file .*{os.sep}broken.png'):
+  _write_image(folder / 'x.png', np.zeros((8, 8, 3), np.uint8))
+  for name in ('good', 'bad', '.cache'):
+    (folder / name).mkdir()
+    _write_image(folder / name / 'inner.png', np.zeros((8, 8, 3), np.uint8))
+  with caplog.at_level(logging.WARNING):
+    loaded = data.load_image_folder(str(folder), _SIZE)
+  assert [os.path.basename(p) for p in loaded.paths] == ['x.png']
+  assert caplog.messages == [
+      f'skipping 2 subfolders of {folder} (subfolders are not searched): '
+      'bad, good']
+
+
+def _write_corrupt_images(folder):
+  """A file that is no image at all, and a PNG cut off inside its pixels."""
+  (folder / 'b_garbage.png').write_text('not an image')
+  _write_image(folder / 'whole.png',
+               np.random.default_rng(0).integers(0, 256, (40, 40, 3),
+                                                 dtype=np.uint8))
+  whole = (folder / 'whole.png').read_bytes()
+  (folder / 'd_cut.png').write_bytes(whole[:len(whole) // 2])
+  (folder / 'whole.png').unlink()
+
+
+def test_load_image_folder_skips_corrupt_images_and_names_them(tmp_path,
+                                                               caplog):
+  folder = tmp_path / 'inputs'
+  folder.mkdir()
+  _write_image(folder / 'a_good.png', np.zeros((8, 6, 3), np.uint8))
+  _write_image(folder / 'c_good.png', np.full((10, 12, 3), 7, np.uint8))
+  _write_corrupt_images(folder)
+  with caplog.at_level(logging.WARNING):
+    loaded = data.load_image_folder(str(folder), _SIZE)
+
+  assert [os.path.basename(p) for p in loaded.paths] == ['a_good.png',
+                                                         'c_good.png']
+  assert loaded.images.shape == (2, _SIZE, _SIZE, 3)
+  assert (loaded.images[1] == 7).all()
+  np.testing.assert_array_equal(loaded.original_sizes, [[8, 6], [10, 12]])
+  garbage, cut = str(folder / 'b_garbage.png'), str(folder / 'd_cut.png')
+  assert list(loaded.unreadable) == [garbage, cut]
+  assert loaded.unreadable[garbage].startswith(
+      f'cannot read image file {garbage}: cannot identify image file')
+  assert loaded.unreadable[cut].startswith(f'cannot read image file {cut}: ')
+  assert 'truncated' in loaded.unreadable[cut]
+  assert caplog.messages == [
+      f'skipping an unreadable image: {loaded.unreadable[garbage]}',
+      f'skipping an unreadable image: {loaded.unreadable[cut]}']
+
+
+def test_load_image_folder_without_a_readable_image_is_an_error(tmp_path):
+  folder = tmp_path / 'inputs'
+  folder.mkdir()
+  _write_corrupt_images(folder)
+  (folder / 'notes.txt').write_text('')
+  with pytest.raises(data.DatasetError) as error:
     data.load_image_folder(str(folder), _SIZE)
+  assert str(error.value) == (
+      f'no readable image in {folder}; 2 image files could not be decoded: '
+      'b_garbage.png, d_cut.png')
 
 
 def _square_maps(count, low=0.0, high=1.0):
@@ -234,6 +294,47 @@ def test_scores_csv_rows_and_decisions(tmp_path):
   ]
 
 
+def test_unreadable_files_get_a_row_without_a_score(tmp_path):
+  written = predict.write_predictions(
+      str(tmp_path), ['d/one.png', 'd/two.png'], np.full((2, 2), _SIZE),
+      np.zeros((2, _SIZE, _SIZE, 3), np.uint8), _square_maps(2),
+      np.array([0.2, 0.8]), image_threshold=0.5, pixel_threshold=0.5,
+      unreadable=['d/bad.png', 'd/a_bad.jpg'])
+  with open(tmp_path / 'scores.csv', newline='') as f:
+    rows = list(csv.reader(f))
+  assert rows == [
+      ['file', 'image_score', 'decision'],
+      ['one.png', '0.2', 'normal'],
+      ['two.png', '0.8', 'anomalous'],
+      ['bad.png', '', 'unreadable'],
+      ['a_bad.jpg', '', 'unreadable'],
+  ]
+  assert [os.path.basename(p) for p in written] == [
+      'one_heatmap.png', 'one_mask.png', 'two_heatmap.png', 'two_mask.png',
+      'scores.csv']
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      os.path.basename(p) for p in written)
+
+
+def test_scores_csv_is_replaced_atomically(tmp_path, monkeypatch):
+  (tmp_path / 'scores.csv').write_text('previous run\n')
+  replaced = []
+  real_replace = os.replace
+
+  def spy_replace(source, target):
+    replaced.append((source, target, open(source).read()))
+    real_replace(source, target)
+
+  monkeypatch.setattr(os, 'replace', spy_replace)
+  predict.write_predictions(**_valid_arguments(tmp_path, output_dir=tmp_path))
+  [(source, target, text)] = replaced
+  assert target == str(tmp_path / 'scores.csv')
+  assert source != target and os.path.dirname(source) == str(tmp_path)
+  assert text == 'file,image_score,decision\n0.png,0,normal\n1.png,0,normal\n'
+  assert (tmp_path / 'scores.csv').read_text() == text
+  assert not [n for n in os.listdir(tmp_path) if n.endswith('.tmp')]
+
+
 def test_float32_score_equal_to_the_threshold_is_anomalous(tmp_path):
   threshold = np.float32(0.3)
   predict.write_predictions(
@@ -269,9 +370,9 @@ def test_names_that_still_clash_are_refused_before_writing(tmp_path):
   assert not out.exists()
 
 
-def _valid_arguments(tmp_path, count=2):
+def _valid_arguments(tmp_path, count=2, output_dir=None):
   return {
-      'output_dir': str(tmp_path / 'out'),
+      'output_dir': str(output_dir or tmp_path / 'out'),
       'paths': [f'{i}.png' for i in range(count)],
       'original_sizes': np.full((count, 2), _SIZE),
       'images': np.zeros((count, _SIZE, _SIZE, 3), np.uint8),
@@ -300,3 +401,53 @@ def test_inputs_of_different_lengths_are_named(tmp_path):
       'one entry per image expected; lengths differ: paths 2, '
       'original_sizes 2, images 2, maps 2, scores 3')
   assert not (tmp_path / 'out').exists()
+
+
+_COMPUTED = {'image': 0.25, 'pixel': 0.5, 'num_holdout_images': 3}
+
+
+def _fake_compute(monkeypatch):
+  """Replaces the held-out inference by a fixed result; returns its calls."""
+  calls = []
+
+  def compute(config, model):
+    calls.append((config, model))
+    return dict(_COMPUTED)
+
+  monkeypatch.setattr(calibration, 'compute_thresholds', compute)
+  return calls
+
+
+@pytest.mark.parametrize('content', [
+    b'', b'{"image": 0.3, "pix', b'[0.3, 0.5]', b'null', b'\xff\xfe{'])
+def test_an_unusable_thresholds_file_is_recomputed(tmp_path, monkeypatch,
+                                                   caplog, content):
+  calls = _fake_compute(monkeypatch)
+  path = calibration.thresholds_path(str(tmp_path))
+  os.makedirs(os.path.dirname(path))
+  with open(path, 'wb') as f:
+    f.write(content)
+  config, model = object(), object()
+  with caplog.at_level(logging.WARNING):
+    thresholds = calibration.ensure_thresholds(config, str(tmp_path), model)
+  assert thresholds == _COMPUTED
+  assert calls == [(config, model)]
+  with open(path) as f:
+    assert json.load(f) == _COMPUTED
+  [warning] = [r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING]
+  assert warning.startswith(f'ignoring unusable thresholds file {path} (')
+  assert warning.endswith('); recomputing')
+
+
+def test_current_stored_thresholds_are_reused(tmp_path, monkeypatch):
+  calls = _fake_compute(monkeypatch)
+  monkeypatch.setattr(calibration, '_is_current', lambda *_: True)
+  stored = {'image': 0.75, 'pixel': 0.125}
+  path = calibration.thresholds_path(str(tmp_path))
+  os.makedirs(os.path.dirname(path))
+  with open(path, 'w') as f:
+    json.dump(stored, f)
+  assert calibration.ensure_thresholds(object(), str(tmp_path),
+                                       object()) == stored
+  assert not calls

@@ -24,8 +24,8 @@ import numpy as np
 from absl import logging
 
 from twostage_jax import atomic_write
+from twostage_jax import data
 from twostage_jax import inference
-from twostage_jax import train
 
 
 def thresholds_path(workdir: str) -> str:
@@ -43,7 +43,7 @@ def compute_thresholds(config: ml_collections.ConfigDict,
     raise ValueError(
         'decision thresholds need held-out normal images, but '
         'config.calibration.holdout_fraction is 0; retrain with a fraction > 0')
-  _, held_out = train.training_images(config)
+  _, held_out = data.training_images(config)
   maps = inference.anomaly_maps(config, model, held_out)
   scores = inference.image_scores(config, maps)
   final = model.final_map
@@ -84,10 +84,18 @@ def ensure_thresholds(config: ml_collections.ConfigDict, workdir: str,
   """The stored thresholds of `model`'s checkpoints; computed and stored if missing."""
   path = thresholds_path(workdir)
   if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
-    if _is_current(stored, config, model):
-      return stored
+    try:
+      with open(path, encoding='utf-8') as f:
+        stored = json.load(f)
+      if not isinstance(stored, dict):
+        raise ValueError(f'holds a JSON {type(stored).__name__}, not an object')
+    except ValueError as error:  # also JSONDecodeError, UnicodeDecodeError
+      # An interrupted or hand-edited file must not block prediction.
+      logging.warning('ignoring unusable thresholds file %s (%s); recomputing',
+                      path, error)
+    else:
+      if _is_current(stored, config, model):
+        return stored
   thresholds = compute_thresholds(config, model)
   logging.info('decision thresholds from %d held-out normal images: image %.4g, pixel %.4g',
                thresholds['num_holdout_images'], thresholds['image'], thresholds['pixel'])

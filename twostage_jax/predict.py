@@ -6,11 +6,19 @@ score reaches the image threshold, a pixel when its map value reaches the
 pixel threshold. Outputs are written at each file's original size, so a
 user can lay a mask over the photo they supplied without knowing the
 model's input size.
+
+Image files that cannot be decoded are skipped, not fatal: each still gets
+a row in scores.csv, with an empty score and the decision 'unreadable'.
+The output folder is checked before any inference, so a wrong or
+read-only folder costs seconds, not a whole run.
 """
 
 import collections
 import csv
+import io
 import os
+import tempfile
+from typing import Sequence
 
 import jax
 import matplotlib
@@ -19,11 +27,14 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from twostage_jax import atomic_write
 from twostage_jax import calibration
 from twostage_jax import data
 from twostage_jax import inference
 
 SCORES_FILE = 'scores.csv'
+# scores.csv decision of an image file that could not be decoded.
+UNREADABLE = 'unreadable'
 
 _COLORMAP = 'jet'
 _HEATMAP_WEIGHT = 0.5
@@ -90,8 +101,8 @@ def _heatmap(image: np.ndarray, anomaly_map: np.ndarray,
 def write_predictions(output_dir: str, paths: list[str],
                       original_sizes: np.ndarray, images: np.ndarray,
                       maps: np.ndarray, scores: np.ndarray,
-                      image_threshold: float,
-                      pixel_threshold: float) -> list[str]:
+                      image_threshold: float, pixel_threshold: float,
+                      unreadable: Sequence[str] = ()) -> list[str]:
   """Writes a heatmap and a mask per image, and scores.csv, to output_dir.
 
   For each input `<stem>.<ext>`, `<stem>_heatmap.png` (RGB) and
@@ -112,6 +123,9 @@ def write_predictions(output_dir: str, paths: list[str],
     image_threshold: scores >= this are reported 'anomalous'.
     pixel_threshold: map values >= this are anomalous in the masks; must be
       > 0.
+    unreadable: input files that could not be decoded; each gets a row in
+      scores.csv after the scored ones, with an empty score and the decision
+      'unreadable', so the table accounts for every file.
 
   Returns:
     The written files: heatmap and mask of each image, then scores.csv.
@@ -140,15 +154,59 @@ def write_predictions(output_dir: str, paths: list[str],
     Image.fromarray(mask).save(mask_path)
     written += [heatmap_path, mask_path]
 
+  table = io.StringIO()
+  writer = csv.writer(table, lineterminator='\n')
+  writer.writerow(['file', 'image_score', 'decision'])
+  for path, score in zip(paths, scores.tolist()):
+    decision = 'anomalous' if score >= image_threshold else 'normal'
+    writer.writerow([os.path.basename(path), f'{score:.6g}', decision])
+  for path in unreadable:
+    writer.writerow([os.path.basename(path), '', UNREADABLE])
   scores_path = os.path.join(output_dir, SCORES_FILE)
-  with open(scores_path, 'w', newline='', encoding='utf-8') as f:
-    writer = csv.writer(f)
-    writer.writerow(['file', 'image_score', 'decision'])
-    for path, score in zip(paths, scores.tolist()):
-      decision = 'anomalous' if score >= image_threshold else 'normal'
-      writer.writerow([os.path.basename(path), f'{score:.6g}', decision])
+  atomic_write.write_text(scores_path, table.getvalue())
   written.append(scores_path)
   return written
+
+
+def check_output_dir(predict_dir: str, output_dir: str) -> None:
+  """Refuses an output folder that is, or lies inside, the image folder.
+
+  Outputs written there would mix with the user's images, and with the
+  output folder equal to the image folder every rerun would score the
+  previous run's heatmaps and masks. Real paths are compared, so symlinks,
+  `..` and trailing slashes cannot hide the overlap.
+
+  Raises:
+    DatasetError: naming both folders.
+  """
+  images_real = os.path.realpath(predict_dir)
+  output_real = os.path.realpath(output_dir)
+  if output_real == images_real:
+    where = 'is the image folder'
+  elif os.path.commonpath([images_real, output_real]) == images_real:
+    where = 'is inside the image folder'
+  else:
+    return
+  raise data.DatasetError(
+      f'output folder {output_dir} {where} {predict_dir}: outputs would mix '
+      'with the images to score; set --config.predict_output_dir to a folder '
+      'outside it')
+
+
+def check_writable(output_dir: str) -> None:
+  """Creates `output_dir` and a temporary file in it, to fail before inference.
+
+  Raises:
+    DatasetError: naming the folder, if either cannot be created.
+  """
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=output_dir, prefix='.write-check-'):
+      pass
+  except OSError as error:
+    raise data.DatasetError(
+        f'cannot write predictions to output folder {output_dir}: '
+        f'{error.strerror or error}') from error
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -159,23 +217,28 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   Raises:
     ValueError: if `config.predict_dir` is not set.
-    DatasetError: for a missing folder, a folder without images or an
-      unreadable image.
+    DatasetError: for a missing folder, a folder without readable images, or
+      an output folder that overlaps the image folder or cannot be written.
     FileNotFoundError: naming the workdir, if it holds no checkpoint.
   """
   if not config.predict_dir:
     raise ValueError('--mode=predict needs --config.predict_dir=<folder of images>')
+  output_dir = config.predict_output_dir or os.path.join(workdir, 'predictions')
+  check_output_dir(config.predict_dir, output_dir)
   folder = data.load_image_folder(config.predict_dir, config.image_size)
+  if jax.process_index() == 0:
+    check_writable(output_dir)
   model = inference.load_model(config, workdir)
   thresholds = calibration.ensure_thresholds(config, workdir, model)
   maps = inference.anomaly_maps(config, model, folder.images)
   scores = inference.image_scores(config, maps)
   final = model.final_map
-  output_dir = config.predict_output_dir or os.path.join(workdir, 'predictions')
   if jax.process_index() == 0:
     write_predictions(output_dir, folder.paths, folder.original_sizes, folder.images,
-                      maps[final], scores[final], thresholds['image'], thresholds['pixel'])
+                      maps[final], scores[final], thresholds['image'], thresholds['pixel'],
+                      unreadable=list(folder.unreadable))
   flagged = int((scores[final] >= thresholds['image']).sum())
-  logging.info('predicted %d images (%d anomalous at image threshold %.4g); wrote %s',
-               len(folder.paths), flagged, thresholds['image'], output_dir)
+  logging.info('predicted %d images (%d anomalous at image threshold %.4g, %d unreadable); '
+               'wrote %s', len(folder.paths), flagged, thresholds['image'],
+               len(folder.unreadable), output_dir)
   return output_dir

@@ -7,6 +7,7 @@ from twostage_jax.data.errors import DatasetError
 from twostage_jax.data.folder import FolderImages
 from twostage_jax.data.folder import load_image_folder
 from twostage_jax.data.holdout import split_holdout
+from twostage_jax.data.holdout import training_images
 from twostage_jax.data.images import image_size_of
 from twostage_jax.data.images import read_mask
 from twostage_jax.data.images import read_rgb
@@ -16,13 +17,14 @@ from twostage_jax.data.mvtec import load_train_images
 from twostage_jax.data.mvtec import TestSet
 from twostage_jax.data.resolve import category_test_set
 from twostage_jax.data.resolve import category_train_images
+from twostage_jax.data.resolve import check_test_split
 from twostage_jax.data.resolve import DATA_CACHES
 from twostage_jax.data.resolve import resolve_data_dir
 
 __all__ = [
     'DATA_CACHES', 'DEMO_CATEGORIES', 'DatasetError', 'FolderImages', 'TestSet',
-    'category_test_set', 'category_train_images', 'default_cache_dir',
-    'ensure_demo_dataset', 'image_size_of', 'list_categories', 'load_image_folder',
-    'load_test_set', 'load_train_images', 'read_mask', 'read_rgb', 'resolve_data_dir',
-    'split_holdout',
+    'category_test_set', 'category_train_images', 'check_test_split',
+    'default_cache_dir', 'ensure_demo_dataset', 'image_size_of', 'list_categories',
+    'load_image_folder', 'load_test_set', 'load_train_images', 'read_mask', 'read_rgb',
+    'resolve_data_dir', 'split_holdout', 'training_images',
 ]

@@ -1,8 +1,9 @@
 """Reading a flat folder of new images to predict on.
 
 The folder is whatever a user points at, not a curated dataset, so stray
-files (notes, spreadsheets) are reported and skipped instead of stopping the
-run; only a folder with no image at all is an error.
+files (notes, spreadsheets), subfolders and image files that cannot be
+decoded are reported and skipped instead of stopping the run; only a folder
+with no readable image at all is an error.
 """
 
 import dataclasses
@@ -28,10 +29,14 @@ class FolderImages:
     paths: path of each image file.
     original_sizes: int (N, 2), (height, width) of each file, so that
       outputs can be written back at the size the user gave.
+    unreadable: path -> error message (naming the file and the reason) of
+      each image file that could not be decoded, sorted by file name; kept
+      so the outputs can still list them.
   """
   images: np.ndarray
   paths: list[str]
   original_sizes: np.ndarray
+  unreadable: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _listing(names: list[str]) -> str:
@@ -61,16 +66,27 @@ def _no_images_error(folder: str, others: list[str],
       f'found {contents}')
 
 
+def _read(path: str, image_size: int
+          ) -> tuple[np.ndarray, tuple[int, int]] | str:
+  """The image and its original size, or the message naming why not."""
+  try:
+    return images.read_rgb(path, image_size), images.image_size_of(path)
+  except DatasetError as error:
+    return str(error)
+
+
 def load_image_folder(folder: str, image_size: int) -> FolderImages:
   """Reads every image file directly in `folder`, resized to image_size.
 
   Hidden files are ignored, subfolders are not searched, and other files
-  are skipped with one warning. Any image mode (grayscale, RGBA, 16-bit)
-  and any mix of sizes is accepted.
+  are skipped with one warning, subfolders with another. An image file that
+  cannot be decoded is skipped with a warning naming it and the reason, and
+  listed in `FolderImages.unreadable`, so one bad file does not cost the
+  rest. Any image mode (grayscale, RGBA, 16-bit) and any mix of sizes is
+  accepted.
 
   Raises:
-    DatasetError: `folder` is not a folder, holds no image, or an image
-      file cannot be decoded (the message names the file).
+    DatasetError: `folder` is not a folder, or holds no readable image.
   """
   if not os.path.isdir(folder):
     raise DatasetError(f'image folder {folder} does not exist or is not a '
@@ -90,14 +106,29 @@ def load_image_folder(folder: str, image_size: int) -> FolderImages:
     what = 'is not an image' if len(others) == 1 else 'are not images'
     logging.warning('skipping %s that %s: %s', _plural(len(others), 'file'),
                     what, _listing(others))
+  if subfolders:
+    logging.warning('skipping %s of %s (subfolders are not searched): %s',
+                    _plural(len(subfolders), 'subfolder'), folder,
+                    _listing(subfolders))
 
-  paths = [os.path.join(folder, name) for name in image_names]
-
-  def read(path: str) -> tuple[np.ndarray, tuple[int, int]]:
-    return images.read_rgb(path, image_size), images.image_size_of(path)
-
-  decoded = mvtec._parallel_map(read, paths)  # pylint: disable=protected-access
+  all_paths = [os.path.join(folder, name) for name in image_names]
+  decoded = mvtec._parallel_map(  # pylint: disable=protected-access
+      lambda path: _read(path, image_size), all_paths)
+  unreadable = {path: result for path, result in zip(all_paths, decoded)
+                if isinstance(result, str)}
+  for reason in unreadable.values():
+    logging.warning('skipping an unreadable image: %s', reason)
+  readable = [(path, result) for path, result in zip(all_paths, decoded)
+              if not isinstance(result, str)]
+  if not readable:
+    unreadable_names = [os.path.basename(path) for path in unreadable]
+    raise DatasetError(
+        f'no readable image in {folder}; '
+        f'{_plural(len(unreadable_names), "image file")} could not be '
+        f'decoded: {_listing(unreadable_names)}')
   return FolderImages(
-      images=np.stack([image for image, _ in decoded]),
-      paths=paths,
-      original_sizes=np.array([size for _, size in decoded], dtype=np.int64))
+      images=np.stack([image for _, (image, _) in readable]),
+      paths=[path for path, _ in readable],
+      original_sizes=np.array([size for _, (_, size) in readable],
+                              dtype=np.int64),
+      unreadable=unreadable)

@@ -6,7 +6,10 @@ number of images, the fraction and the seed, so training and calibration,
 run at different times, agree on it.
 """
 
+import ml_collections
 import numpy as np
+
+from twostage_jax.data import resolve
 
 
 def split_holdout(num_images: int, fraction: float, seed: int
@@ -28,3 +31,14 @@ def split_holdout(num_images: int, fraction: float, seed: int
         'train on; lower calibration.holdout_fraction or add images')
   order = np.random.default_rng([seed, num_images]).permutation(num_images)
   return np.sort(order[count:]), np.sort(order[:count])
+
+
+def training_images(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 (training, held-out) normal images of the configured category.
+
+  The held-out share (`calibration.holdout_fraction`) never reaches training;
+  it calibrates the decision thresholds.
+  """
+  images = resolve.category_train_images(config)
+  kept, held_out = split_holdout(len(images), config.calibration.holdout_fraction, config.seed)
+  return images[kept], images[held_out]

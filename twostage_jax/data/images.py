@@ -13,6 +13,25 @@ from twostage_jax.data.errors import DatasetError
 # PIL modes holding one integer channel wider than 8 bits (16-bit PNG/TIFF).
 _WIDE_INT_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
 _WIDE_INT_MAX = 65535.0
+# PIL's mode for one 32-bit float channel (float TIFFs).
+_FLOAT_MODE = 'F'
+# Modes whose pixels are one number each, read as they are for masks.
+_SINGLE_CHANNEL_MODES = ('1', 'L', _FLOAT_MODE, *_WIDE_INT_MODES)
+_TIFF_EXTENSIONS = ('.tif', '.tiff')
+
+
+def _read_error(path: str, error: Exception) -> DatasetError:
+  """The error for a file PIL cannot read, with a hint for float TIFFs.
+
+  PIL holds single-channel float TIFFs but not multi-channel ones, which it
+  reports as an unidentified image, as if the file were not a TIFF at all.
+  """
+  hint = ''
+  if (isinstance(error, Image.UnidentifiedImageError)
+      and path.lower().endswith(_TIFF_EXTENSIONS)):
+    hint = ('; PIL reads 8- and 16-bit TIFFs and single-channel float ones, '
+            'so save multi-channel float TIFFs as 8- or 16-bit')
+  return DatasetError(f'cannot read image file {path}: {error}{hint}')
 
 
 def _decode(path: str) -> Image.Image:
@@ -27,7 +46,7 @@ def _decode(path: str) -> Image.Image:
       image.load()
       return image
   except Exception as e:  # pylint: disable=broad-exception-caught
-    raise DatasetError(f'cannot read image file {path}: {e}') from e
+    raise _read_error(path, e) from e
 
 
 def image_size_of(path: str) -> tuple[int, int]:
@@ -36,7 +55,7 @@ def image_size_of(path: str) -> tuple[int, int]:
     with Image.open(path) as image:
       width, height = image.size
   except Exception as e:  # pylint: disable=broad-exception-caught
-    raise DatasetError(f'cannot read image file {path}: {e}') from e
+    raise _read_error(path, e) from e
   return height, width
 
 
@@ -46,36 +65,82 @@ def _wide_int_to_unit(image: Image.Image) -> np.ndarray:
   return np.clip(values, 0.0, 1.0)
 
 
+def _float_to_unit(image: Image.Image) -> np.ndarray:
+  """Float32 in [0, 1] from a float image, whichever range it was saved in.
+
+  Float files hold either [0, 1] intensities or 8-bit values: an image whose
+  largest value is at most 1 is read as the former, any other as 0..255
+  (clipped). Only an 8-bit image darker than 1/255 everywhere, black to the
+  eye, would be misread. NaN reads as 0.
+  """
+  values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)
+  if values.max(initial=0.0) > 1.0:
+    values = values / 255.0
+  return np.clip(values, 0.0, 1.0)
+
+
 def read_rgb(path: str, size: int) -> np.ndarray:
   """Reads any common image file as uint8 RGB of shape (size, size, 3).
 
-  Grayscale, palette, alpha and 16-bit files all become 8-bit RGB (alpha is
-  dropped), so every category looks the same to the model. Resizing uses
-  PIL bilinear and is skipped when the file already has that size.
+  Grayscale, palette, alpha, 16-bit and float files all become 8-bit RGB
+  (alpha is dropped), so every category looks the same to the model; see
+  `_float_to_unit` for the range of float files. Resizing uses PIL bilinear
+  and is skipped when the file already has that size.
   """
   image = _decode(path)
-  if image.mode in _WIDE_INT_MODES:
-    gray = np.rint(_wide_int_to_unit(image) * 255.0).astype(np.uint8)
-    image = Image.fromarray(gray)
+  if image.mode == _FLOAT_MODE or image.mode in _WIDE_INT_MODES:
+    unit = (_float_to_unit(image) if image.mode == _FLOAT_MODE
+            else _wide_int_to_unit(image))
+    image = Image.fromarray(np.rint(unit * 255.0).astype(np.uint8))
   image = image.convert('RGB')
   if image.size != (size, size):
     image = image.resize((size, size), Image.Resampling.BILINEAR)
   return np.asarray(image, dtype=np.uint8)
 
 
-def read_mask(path: str, size: int) -> np.ndarray:
-  """Reads a ground-truth mask as bool (size, size): resized, then > 0.5.
+def _anomalous_pixels(path: str) -> np.ndarray:
+  """Bool (H, W) at the stored size: True where any channel is non-zero.
 
-  Resizing happens on [0, 1] floats so that a mask keeps its area under
-  downscaling, which is the MVTec AD evaluation convention.
+  Masks come as 0/255, 0/1, 16-bit or float files; the only value they
+  share for the background is 0. Alpha is ignored.
+
+  Raises:
+    DatasetError: the file is unreadable or marks no pixel: a mask exists
+      only for a defective image, so a blank one is the wrong file.
   """
   image = _decode(path)
-  if image.mode in _WIDE_INT_MODES:
-    values = _wide_int_to_unit(image)
+  if image.mode in _SINGLE_CHANNEL_MODES:
+    anomalous = np.asarray(image) != 0
   else:
-    values = np.asarray(image.convert('L'), dtype=np.float32) / 255.0
-  if values.shape != (size, size):
-    resized = Image.fromarray(values).resize(
-        (size, size), Image.Resampling.BILINEAR)
-    values = np.asarray(resized)
-  return values > 0.5
+    anomalous = np.asarray(image.convert('RGB')).any(axis=-1)
+  if not anomalous.any():
+    raise DatasetError(f'mask {path} is empty (every pixel is 0), but a mask '
+                       'marks the defect of a defective test image')
+  return anomalous
+
+
+def check_mask(path: str) -> None:
+  """Decodes a mask only to check that it marks at least one pixel.
+
+  Raises:
+    DatasetError: the file is unreadable or all zero.
+  """
+  _anomalous_pixels(path)
+
+
+def read_mask(path: str, size: int) -> np.ndarray:
+  """Reads a ground-truth mask as bool (size, size).
+
+  Any non-zero value is anomalous, so 0/1 and 0/255 masks read the same. The
+  binary mask is resized as [0, 1] floats, then thresholded at 0.5, so that
+  it keeps its area under downscaling (the MVTec AD evaluation convention).
+
+  Raises:
+    DatasetError: the file is unreadable or all zero.
+  """
+  anomalous = _anomalous_pixels(path)
+  if anomalous.shape == (size, size):
+    return anomalous
+  resized = Image.fromarray(anomalous.astype(np.float32)).resize(
+      (size, size), Image.Resampling.BILINEAR)
+  return np.asarray(resized) > 0.5

@@ -22,6 +22,8 @@ from twostage_jax.data.errors import DatasetError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 GOOD = 'good'
+# How many file names a message lists before summarising the rest.
+_MAX_LISTED = 5
 
 _T = TypeVar('_T')
 _R = TypeVar('_R')
@@ -89,6 +91,34 @@ def _image_names(folder: str) -> list[str]:
       and os.path.isfile(os.path.join(folder, name)))
 
 
+def _holds_images(folder: str) -> bool:
+  """Whether `folder` or any visible folder below it holds an image file."""
+  for root, dirs, names in os.walk(folder):
+    dirs[:] = [name for name in dirs if _is_visible(name)]
+    if any(_is_visible(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+           for name in names):
+      return True
+  return False
+
+
+def _flat_image_names(folder: str) -> list[str]:
+  """`_image_names(folder)`, refusing images nested in a subfolder.
+
+  The layout has no level below train/good/ and test/<defect>/, so images
+  there would silently be left out of training or evaluation.
+
+  Raises:
+    DatasetError: naming the first subfolder that holds images.
+  """
+  for name in _subfolders(folder):
+    subfolder = os.path.join(folder, name)
+    if _holds_images(subfolder):
+      raise DatasetError(
+          f'images in subfolder {subfolder} would be left out: the MVTec AD '
+          f'layout keeps them directly in {folder}; move them up or away')
+  return _image_names(folder)
+
+
 def _subfolders(folder: str) -> list[str]:
   return sorted(
       name for name in os.listdir(folder)
@@ -107,13 +137,34 @@ def _check_data_dir(data_dir: str) -> None:
                        'folder; expected an MVTec AD layout folder')
 
 
-def list_categories(data_dir: str) -> list[str]:
+def _category_names(data_dir: str) -> list[str]:
   """Sorted names of the folders in `data_dir` that have train/good."""
-  _check_data_dir(data_dir)
   return [
       name for name in _subfolders(data_dir)
       if os.path.isdir(os.path.join(data_dir, name, 'train', GOOD))
   ]
+
+
+def list_categories(data_dir: str) -> list[str]:
+  """Sorted names of the folders in `data_dir` that have train/good.
+
+  Raises:
+    DatasetError: `data_dir` is missing or holds no category, saying the
+      layout expected (and when `data_dir` is itself a category folder).
+  """
+  _check_data_dir(data_dir)
+  names = _category_names(data_dir)
+  if not names:
+    hint = ''
+    if os.path.isdir(os.path.join(data_dir, 'train', GOOD)):
+      parent = os.path.dirname(os.path.abspath(data_dir))
+      hint = (f'; {data_dir} itself looks like a category folder, so set '
+              f'data_dir to its parent {parent}')
+    raise DatasetError(
+        f'no categories in {data_dir}: expected the MVTec AD layout, one '
+        f'folder per category holding train/{GOOD}/ images '
+        f'({os.path.join(data_dir, "<category>", "train", GOOD)}){hint}')
+  return names
 
 
 def category_dir(data_dir: str, category: str) -> str:
@@ -121,7 +172,7 @@ def category_dir(data_dir: str, category: str) -> str:
   _check_data_dir(data_dir)
   folder = os.path.join(data_dir, category)
   if not os.path.isdir(folder):
-    existing = ', '.join(list_categories(data_dir)) or 'none'
+    existing = ', '.join(_category_names(data_dir)) or 'none'
     raise DatasetError(f'category {category!r} not found: no folder {folder} '
                        f'(categories in {data_dir}: {existing})')
   return folder
@@ -132,7 +183,7 @@ def train_files(data_dir: str, category: str) -> tuple[str, ...]:
   folder = os.path.join(category_dir(data_dir, category), 'train', GOOD)
   if not os.path.isdir(folder):
     raise DatasetError(f'no training images: folder {folder} does not exist')
-  names = _image_names(folder)
+  names = _flat_image_names(folder)
   if not names:
     raise DatasetError(f'no training images in {folder} (looked for '
                        f'{", ".join(IMAGE_EXTENSIONS)} files)')
@@ -170,34 +221,86 @@ def _mask_path(folder: str, defect: str, image_name: str) -> str:
                      f'expected {os.path.join(folder, base)}.png')
 
 
-def _read_mask_checked(image_path: str, mask_path: str,
-                       image_size: int) -> np.ndarray:
-  """Reads a mask after checking it was drawn for an image of the same size."""
+def _check_mask_size(image_path: str, mask_path: str) -> None:
+  """Checks from the headers that a mask was drawn for an image of its size."""
   image_hw = images.image_size_of(image_path)
   mask_hw = images.image_size_of(mask_path)
   if image_hw != mask_hw:
     raise DatasetError(
         f'mask {mask_path} has size (height, width) {mask_hw} but its image '
         f'{image_path} has size {image_hw}')
-  return images.read_mask(mask_path, image_size)
+
+
+def _check_both_classes(test_dir: str, defect_types: Sequence[str]) -> None:
+  """Image and pixel metrics need defect-free and defective test images."""
+  if GOOD not in defect_types:
+    raise DatasetError(
+        f'test split {test_dir} has no defect-free images (no {GOOD}/ folder '
+        f'with images): evaluation needs them next to the defective ones')
+  if all(defect == GOOD for defect in defect_types):
+    raise DatasetError(
+        f'test split {test_dir} has only defect-free images ({GOOD}/): '
+        'evaluation needs defective ones too, in test/<defect>/ with masks in '
+        'ground_truth/<defect>/')
 
 
 def test_files(data_dir: str, category: str) -> TestFiles:
-  """The test images, their defect types and masks, in sorted folder order."""
+  """The test images, their defect types and masks, in sorted folder order.
+
+  Raises:
+    DatasetError: no test folder or images, images outside a defect folder
+      (which would be left out), a defective image without a mask, or a
+      split lacking defect-free or defective images.
+  """
   folder = category_dir(data_dir, category)
   test_dir = os.path.join(folder, 'test')
   if not os.path.isdir(test_dir):
     raise DatasetError(f'no test images: folder {test_dir} does not exist')
+  loose = _image_names(test_dir)
+  if loose:
+    listed = ', '.join(loose[:_MAX_LISTED])
+    if len(loose) > _MAX_LISTED:
+      listed += f', ... ({len(loose) - _MAX_LISTED} more)'
+    raise DatasetError(
+        f'images directly in {test_dir} would be left out ({listed}): the '
+        f'MVTec AD layout keeps them in test/{GOOD}/ or test/<defect>/')
   paths, defect_types, mask_paths = [], [], []
   for defect in _subfolders(test_dir):
-    for name in _image_names(os.path.join(test_dir, defect)):
+    for name in _flat_image_names(os.path.join(test_dir, defect)):
       paths.append(f'test/{defect}/{name}')
       defect_types.append(defect)
       mask_paths.append(None if defect == GOOD else
                         _mask_path(folder, defect, name))
   if not paths:
     raise DatasetError(f'no test images in the subfolders of {test_dir}')
+  _check_both_classes(test_dir, defect_types)
   return TestFiles(tuple(paths), tuple(defect_types), tuple(mask_paths))
+
+
+def check_test_folder(data_dir: str, category: str) -> None:
+  """Checks the test split without reading its images, only their headers.
+
+  Catches what `load_test_set` would raise, before any training: the
+  listing's problems (see `test_files`), unreadable image headers, masks
+  whose size differs from their image, and blank masks. Masks are the only
+  files decoded: they are small and mostly zero, so they decode fast.
+
+  Raises:
+    DatasetError: naming the first offending file or folder.
+  """
+  folder = category_dir(data_dir, category)
+  files = test_files(data_dir, category)
+
+  def check(index: int) -> None:
+    image_path = os.path.join(folder, files.paths[index])
+    mask_path = files.mask_paths[index]
+    if mask_path is None:
+      images.image_size_of(image_path)
+    else:
+      _check_mask_size(image_path, os.path.join(folder, mask_path))
+      images.check_mask(os.path.join(folder, mask_path))
+
+  _parallel_map(check, range(len(files.paths)))
 
 
 def read_test_set(folder: str, files: TestFiles, image_size: int) -> TestSet:
@@ -210,8 +313,8 @@ def read_test_set(folder: str, files: TestFiles, image_size: int) -> TestSet:
     if mask_path is None:
       mask = np.zeros((image_size, image_size), dtype=bool)
     else:
-      mask = _read_mask_checked(image_path, os.path.join(folder, mask_path),
-                                image_size)
+      _check_mask_size(image_path, os.path.join(folder, mask_path))
+      mask = images.read_mask(os.path.join(folder, mask_path), image_size)
     return image, mask
 
   pairs = _parallel_map(read, range(len(files.paths)))

@@ -71,3 +71,20 @@ def category_test_set(config: ml_collections.ConfigDict) -> mvtec.TestSet:
     return mvtec.load_test_set(data_dir, config.category, config.image_size)
   return tfds_cache.load_test_set(data_dir, config.category, config.image_size,
                                   cache.default_cache_dir(config.cache_dir))
+
+
+def check_test_split(config: ml_collections.ConfigDict) -> None:
+  """Checks the configured category's test split before any training.
+
+  Its problems would otherwise surface only at evaluation, after both stages
+  trained. Reads file listings, image headers and the masks, not the images,
+  so it takes a fraction of loading the split. `config.category` names one
+  category; for 'all', check each category's config.
+
+  Raises:
+    DatasetError: naming the offending file or folder: a defective image
+      without a mask, a mask of another size than its image or all zero,
+      images the reader would leave out, or a split without defect-free or
+      without defective images.
+  """
+  mvtec.check_test_folder(resolve_data_dir(config), config.category)

@@ -9,7 +9,7 @@ The folder reader (mvtec.py) stays the source: it lists the files, so a
 missing folder or mask raises its DatasetError before anything is built, and
 it decodes them, so the cache holds exactly what it returns. Each cached
 split lives in its own folder, named by the category, split, image size and
-a fingerprint of the listed files (relative paths, byte sizes, mtimes):
+a fingerprint of the listed files (relative paths and contents):
 
     <cache_dir>/tfds/<category>-<split>-<size>px-<fingerprint>/mvtec_layout/<version>/
 
@@ -22,23 +22,31 @@ every run about configs the builder class does not declare in advance.
 Several processes may build the same split at once: tfds writes each into its
 own `incomplete.*` folder and renames it into place; the rename of every
 process but the first fails, and those processes then read the winner's copy.
+
+A finished cache that cannot be read back (a truncated array_record file, a
+deleted dataset_info.json) is moved away, with a warning naming the damaged
+file, and built again; where that fails, a DatasetError names the file.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 import hashlib
 import os
+import shutil
 import time
 from typing import Any, ClassVar
+import uuid
 
 from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
 from twostage_jax.data import mvtec
+from twostage_jax.data.errors import DatasetError
 
 _SUBDIR = 'tfds'
 _FINGERPRINT_CHARS = 12
+_INFO_FILE = 'dataset_info.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +73,25 @@ class _Source:
       return self.files.paths + masks
     return self.files
 
+  def num_examples(self) -> int:
+    """How many examples the split's cache holds: one per listed image."""
+    if isinstance(self.files, mvtec.TestFiles):
+      return len(self.files.paths)
+    return len(self.files)
+
   def fingerprint(self) -> str:
-    """A short hash of the files' relative paths, byte sizes and mtimes."""
-    digest = hashlib.sha256()
+    """A short hash of the files' relative paths and contents.
+
+    Contents, not sizes and mtimes: a file replaced by another of the same
+    size whose mtime was kept (`cp -p`, `rsync -t`, `os.utime`) must build a
+    new cache. BLAKE2b runs at several hundred MB/s, a small cost next to
+    decoding the same files.
+    """
+    digest = hashlib.blake2b()
     for path in self.paths():
-      stat = os.stat(os.path.join(self.folder, path))
-      digest.update(f'{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n'.encode())
+      with open(os.path.join(self.folder, path), 'rb') as f:
+        content = hashlib.blake2b(f.read()).digest()
+      digest.update(path.encode() + b'\0' + content)
     return digest.hexdigest()[:_FINGERPRINT_CHARS]
 
 
@@ -83,9 +104,10 @@ class MvtecLayout(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   and 'good', and skipping them makes reading the split faster.
   """
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')
   RELEASE_NOTES: ClassVar[dict[str, str]] = {
-      '1.0.0': 'Resized uint8 images and paths; test masks and defect types.'}
+      '1.0.0': 'Resized uint8 images and paths; test masks and defect types.',
+      '1.1.0': 'Any non-zero mask value is anomalous; float images in [0, 1].'}
 
   def __init__(self, *, data_dir: str, source: _Source):
     self._source = source
@@ -151,13 +173,55 @@ def cache_root(cache_dir: str) -> str:
   return os.path.join(cache_dir, _SUBDIR)
 
 
+class _DamagedCache(Exception):
+  """A finished cache that cannot be read back.
+
+  Attributes:
+    path: the damaged file (or folder).
+    problem: what is wrong with it, a phrase following the path.
+    version_dir: the finished cache folder holding it.
+  """
+
+  def __init__(self, path: str, problem: str, version_dir: str):
+    super().__init__(f'{path} {problem}')
+    self.path = path
+    self.problem = problem
+    self.version_dir = version_dir
+
+
+def _describe(error: Exception) -> str:
+  """'Type: message' on one line, for messages that may span several."""
+  return f'{type(error).__name__}: {" ".join(str(error).split())}'
+
+
+def _builder(data_dir: str, source: _Source) -> MvtecLayout:
+  """The builder of the cache in `data_dir`, reading its info when finished.
+
+  Raises:
+    _DamagedCache: the finished cache's info file cannot be parsed.
+  """
+  version_dir = os.path.join(data_dir, MvtecLayout.name,
+                             str(MvtecLayout.VERSION))
+  try:
+    return MvtecLayout(data_dir=data_dir, source=source)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    if not os.path.isdir(version_dir):
+      raise
+    raise _DamagedCache(os.path.join(version_dir, _INFO_FILE),
+                        f'cannot be parsed ({_describe(e)})', version_dir) from e
+
+
 def _prepared(source: _Source, cache_dir: str) -> MvtecLayout:
-  """The builder of `source`'s cache, built first if it does not exist yet."""
+  """The builder of `source`'s cache, built first if it does not exist yet.
+
+  Raises:
+    _DamagedCache: the cache exists but its info file cannot be parsed.
+  """
   root = cache_root(cache_dir)
   name = (f'{source.category}-{source.split}-{source.image_size}px-'
           f'{source.fingerprint()}')
   data_dir = os.path.join(root, name)
-  builder = MvtecLayout(data_dir=data_dir, source=source)
+  builder = _builder(data_dir, source)
   # The version folder appears only when tfds renames a finished build into
   # place, so it exists exactly when the cache is complete.
   if os.path.isdir(builder.data_dir):
@@ -173,7 +237,7 @@ def _prepared(source: _Source, cache_dir: str) -> MvtecLayout:
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   except OSError:
     # Another process renamed its finished copy into place first.
-    builder = MvtecLayout(data_dir=data_dir, source=source)
+    builder = _builder(data_dir, source)
     if not os.path.isdir(builder.data_dir):
       raise
     logging.info('another process built the tfds cache in %s first; reading '
@@ -186,17 +250,8 @@ def _prepared(source: _Source, cache_dir: str) -> MvtecLayout:
   return builder
 
 
-def _data_source(data_dir: str, category: str, split: str, image_size: int,
-                 cache_dir: str) -> Sequence[dict[str, Any]]:
-  """Random access to the split's examples in file order, from its cache."""
-  source = _list_source(data_dir, category, split, image_size)
-  builder = _prepared(source, cache_dir)
-  logging.info('reading %s (%s) from the tfds cache %s', category, split,
-               builder.data_dir)
-  return builder.as_data_source(split=split)
-
-
-def _read_examples(examples: Sequence[dict[str, Any]]
+def _read_examples(examples: Sequence[dict[str, Any]],
+                   damaged: Callable[[int, Exception], _DamagedCache]
                    ) -> dict[str, np.ndarray | list[str]]:
   """Every feature of every example, in order: arrays stacked, texts decoded.
 
@@ -204,10 +259,17 @@ def _read_examples(examples: Sequence[dict[str, Any]]
   one `__getitems__` batch: a batch holds every decompressed record at once,
   while here each record's memory is reused for the next, which measured
   about twice as fast.
+
+  Raises:
+    _DamagedCache: `damaged(index, error)` for the first unreadable example.
   """
   columns = {}
   for index in range(len(examples)):
-    for key, value in examples[index].items():
+    try:
+      example = examples[index]
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise damaged(index, e) from e
+    for key, value in example.items():
       if isinstance(value, bytes):
         columns.setdefault(key, []).append(value.decode())
       else:
@@ -217,18 +279,108 @@ def _read_examples(examples: Sequence[dict[str, Any]]
   return columns
 
 
+def _read_cached(builder: MvtecLayout, source: _Source
+                 ) -> dict[str, np.ndarray | list[str]]:
+  """Every example of a finished cache, or the file that keeps it unreadable.
+
+  tfds reports damage without naming a file: a deleted dataset_info.json
+  reads as a dataset with no splits, a truncated array_record file as
+  records of None. So the info and shard files are checked first, and a
+  failed read is traced to the shard holding that example.
+
+  Raises:
+    _DamagedCache: naming the damaged file.
+  """
+  version_dir = builder.data_dir
+  info_path = os.path.join(version_dir, _INFO_FILE)
+  split = source.split
+  if split not in builder.info.splits:
+    problem = ('is missing' if not os.path.isfile(info_path)
+               else f'lists no {split} split')
+    raise _DamagedCache(info_path, problem, version_dir)
+  split_info = builder.info.splits[split]
+  if split_info.num_examples != source.num_examples():
+    raise _DamagedCache(
+        info_path, f'lists {split_info.num_examples} examples where the folder '
+        f'has {source.num_examples()} images', version_dir)
+  shards = [os.fspath(path) for path in split_info.filepaths]
+  for shard in shards:
+    if not os.path.isfile(shard):
+      raise _DamagedCache(shard, 'is missing', version_dir)
+  ends = np.cumsum(split_info.shard_lengths)
+
+  def damaged(index: int, error: Exception) -> _DamagedCache:
+    shard = shards[int(np.searchsorted(ends, index, side='right'))]
+    return _DamagedCache(
+        shard, f'has an unreadable example {index} ({_describe(error)})',
+        version_dir)
+
+  logging.info('reading %s (%s) from the tfds cache %s', source.category,
+               split, version_dir)
+  try:
+    examples = builder.as_data_source(split=split)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise _DamagedCache(version_dir, f'cannot be opened ({_describe(e)})',
+                        version_dir) from e
+  return _read_examples(examples, damaged)
+
+
+def _discard(damage: _DamagedCache, cache_dir: str) -> None:
+  """Moves a damaged cache away and deletes it, so that it is built again.
+
+  The rename is atomic, so no reader sees a half-deleted cache; when it
+  finds nothing, another process already moved the cache away.
+
+  Raises:
+    DatasetError: the cache cannot be moved away, so it cannot be rebuilt.
+  """
+  logging.warning('the tfds cache file %s %s; deleting %s and building it '
+                  'again', damage.path, damage.problem, damage.version_dir)
+  trash = os.path.join(cache_root(cache_dir), f'damaged-{uuid.uuid4().hex}')
+  try:
+    os.rename(damage.version_dir, trash)
+  except FileNotFoundError:
+    return
+  except OSError as e:
+    raise DatasetError(
+        f'the tfds cache file {damage.path} {damage.problem}, and its cache '
+        f'{damage.version_dir} cannot be removed to rebuild it ({e}); delete '
+        'it or set --config.data_cache=none') from e
+  shutil.rmtree(trash, ignore_errors=True)
+
+
+def _read_split(data_dir: str, category: str, split: str, image_size: int,
+                cache_dir: str) -> dict[str, np.ndarray | list[str]]:
+  """Every example of the split in file order, from its cache.
+
+  Raises:
+    DatasetError: the folder reader's errors, or a cache that is still
+      damaged after rebuilding it (naming the file).
+  """
+  source = _list_source(data_dir, category, split, image_size)
+  try:
+    return _read_cached(_prepared(source, cache_dir), source)
+  except _DamagedCache as damage:
+    _discard(damage, cache_dir)
+  try:
+    return _read_cached(_prepared(source, cache_dir), source)
+  except _DamagedCache as damage:
+    raise DatasetError(
+        f'the tfds cache file {damage.path} {damage.problem}, even after '
+        f'rebuilding it; delete {damage.version_dir} or set '
+        '--config.data_cache=none') from damage
+
+
 def load_train_images(data_dir: str, category: str, image_size: int,
                       cache_dir: str) -> np.ndarray:
   """`mvtec.load_train_images`, read from the cache under `cache_dir`."""
-  examples = _data_source(data_dir, category, 'train', image_size, cache_dir)
-  return _read_examples(examples)['image']
+  return _read_split(data_dir, category, 'train', image_size, cache_dir)['image']
 
 
 def load_test_set(data_dir: str, category: str, image_size: int,
                   cache_dir: str) -> mvtec.TestSet:
   """`mvtec.load_test_set`, read from the cache under `cache_dir`."""
-  columns = _read_examples(
-      _data_source(data_dir, category, 'test', image_size, cache_dir))
+  columns = _read_split(data_dir, category, 'test', image_size, cache_dir)
   return mvtec.TestSet.from_examples(
       images=columns['image'], masks=columns['mask'], paths=columns['path'],
       defect_types=columns['defect_type'])

@@ -25,7 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import machine  # pylint: disable=g-import-not-at-top
 from twostage_jax import inference  # pylint: disable=g-import-not-at-top
 from twostage_jax import parallel  # pylint: disable=g-import-not-at-top
-from twostage_jax import train  # pylint: disable=g-import-not-at-top
+from twostage_jax import precision  # pylint: disable=g-import-not-at-top
+from twostage_jax import superpixel_pool  # pylint: disable=g-import-not-at-top
+from twostage_jax import train_state  # pylint: disable=g-import-not-at-top
 
 config_flags.DEFINE_config_file('config', 'configs/mvtec.py', 'Config file.')
 flags.DEFINE_integer('images', 64, 'Test images per timed call.')
@@ -38,10 +40,11 @@ def main(_):
   images = np.random.default_rng(0).integers(0, 256, (FLAGS.images, size, size, 3), np.uint8)
   mesh = parallel.make_mesh()
   variables = [
-      parallel.to_host(train.variables_of(jax.device_put(
-          train.create_train_state(config, train.prng_key(seed)), parallel.replicated(mesh))))
+      parallel.to_host(train_state.variables_of(jax.device_put(
+          train_state.create_train_state(config, train_state.prng_key(seed)),
+          parallel.replicated(mesh))))
       for seed in (0, 1)]
-  model = inference.TrainedModel(config.method, variables[0], 1, variables[1], 1)
+  model = inference.TrainedModel(config.method, tuple(variables), (1, 1))
   batch_size = config.eval.batch_size
 
   start = time.perf_counter()
@@ -49,12 +52,12 @@ def main(_):
   warm_up_s = time.perf_counter() - start
 
   start = time.perf_counter()
-  labels = np.concatenate(list(inference.superpixel_batches(
+  labels = np.concatenate(list(superpixel_pool.superpixel_batches(
       images, config, batch_size, config.train.num_workers)))
   slic_s = time.perf_counter() - start
 
-  infer = parallel.per_shard(inference.maps_fn(config, two_stage=True), mesh)
-  device_variables = jax.device_put((model.stage1, model.stage2), parallel.replicated(mesh))
+  infer = parallel.per_shard(inference.maps_fn(config, model.trained), mesh)
+  device_variables = jax.device_put(model.variables, parallel.replicated(mesh))
   batches = [jax.device_put({'image': images[i:i + batch_size], 'labels': labels[i:i + batch_size]},
                             parallel.batch_sharded(mesh))
              for i in range(0, len(images), batch_size)]
@@ -72,7 +75,7 @@ def main(_):
   print(f'machine: {machine.describe()}; {jax.device_count()} x '
         f'{jax.devices()[0].device_kind}, JAX {jax.__version__}')
   print(f'config: image {size}x{size}, width {config.model.width}, compute dtype '
-        f'{config.model.compute_dtype} ({jax.numpy.dtype(train.compute_dtype(config)).name}), '
+        f'{config.model.compute_dtype} ({jax.numpy.dtype(precision.compute_dtype(config)).name}), '
         f'eval batch {config.eval.batch_size}, SLIC workers {config.train.num_workers}, '
         f'maps {", ".join(maps)}')
   print(f'warm-up call ({batch_size} images, compiles): {warm_up_s:.1f} s')

@@ -61,7 +61,7 @@ def _cases(image_size: int) -> list[tuple[str, ml_collections.ConfigDict, int]]:
   ]
 
 
-def _per_process_rate(sampler: samples.TrainingSampler, images: np.ndarray,
+def _per_process_rate(sampler: samples.PseudoAnomalySampler, images: np.ndarray,
                       seconds: float, seed: int) -> tuple[float, int, float]:
   """Builds samples for `seconds`; returns (samples/s, count, share anomalous)."""
   rng = np.random.default_rng(seed)
@@ -119,7 +119,7 @@ def main() -> None:
     print(header)
     print('-' * len(header))
     for seed, (name, config, stage) in enumerate(cases):
-      sampler = samples.TrainingSampler(sources, config, stage)
+      sampler = samples.PseudoAnomalySampler(sources, config, stage)
       rate, count, anomalous = _per_process_rate(sampler, images, args.seconds, seed)
       print(f'{name:<26}{count:>9d}{anomalous:>11.0%}{rate:>11.1f}{1e3 / rate:>11.2f}')
 
@@ -127,7 +127,7 @@ def main() -> None:
           f'({os.cpu_count()} CPUs here)')
     print(f'{"case":<26}' + ''.join(f'{f"{w} worker(s)":>13}' for w in args.workers))
     for name, config, stage in cases[3:]:
-      factory = functools.partial(samples.TrainingSampler, sources, config, stage)
+      factory = functools.partial(samples.PseudoAnomalySampler, sources, config, stage)
       steps = args.steps if stage == 1 else max(args.steps // 4, 2)
       rates = [_pool_rate(images, factory, w, steps, args.batch_size) for w in args.workers]
       print(f'{name:<26}' + ''.join(f'{r:>13.1f}' for r in rates))

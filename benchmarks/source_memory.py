@@ -61,7 +61,7 @@ class TouchingSampler:
       flat = array.reshape(-1).view(np.uint8)
       checksum += int(flat[::_PAGE].sum())
     self.checksum = checksum
-    self._sample = synthesis.TrainingSampler(sources, config, stage)
+    self._sample = synthesis.PseudoAnomalySampler(sources, config, stage)
 
   def __call__(self, image, rng):
     return self._sample(image, rng)

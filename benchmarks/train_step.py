@@ -40,7 +40,10 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import machine  # pylint: disable=g-import-not-at-top
 
-from twostage_jax import parallel, train  # pylint: disable=g-import-not-at-top
+from twostage_jax import methods  # pylint: disable=g-import-not-at-top
+from twostage_jax import parallel  # pylint: disable=g-import-not-at-top
+from twostage_jax import train_state  # pylint: disable=g-import-not-at-top
+from twostage_jax import train_step  # pylint: disable=g-import-not-at-top
 
 config_flags.DEFINE_config_file('config', 'configs/mvtec.py', 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per round.')
@@ -154,13 +157,14 @@ def jax_runners(config: ml_collections.ConfigDict, model: nn.Module,
   """The JAX train step as the trainer runs it, and optionally its parts."""
   mesh = parallel.make_mesh()
   batch = jax.device_put(batch_np, parallel.batch_sharded(mesh))
-  state = train.create_train_state(config, train.prng_key(0)).replace(apply_fn=model.apply)
+  state = train_state.create_train_state(config, train_state.prng_key(0)).replace(
+      apply_fn=model.apply)
   state = jax.device_put(state, parallel.replicated(mesh))
-  objective = train.objective(config, 1)
-  key = train.prng_key(0)
+  objective = methods.get(config.method).objective(config, 1)
+  key = train_state.prng_key(0)
   start = time.perf_counter()
   step = compile_jax(
-      parallel.data_parallel(functools.partial(train.train_step, objective=objective), mesh),
+      parallel.data_parallel(functools.partial(train_step.train_step, objective=objective), mesh),
       state, batch, key)
   print(f'JAX step compile: {time.perf_counter() - start:.1f} s')
   holder = {'state': state}
@@ -250,10 +254,11 @@ def check_equivalence(config: ml_collections.ConfigDict, batch_np: dict[str, np.
   import torch  # pylint: disable=g-import-not-at-top
   import torch_twin  # pylint: disable=g-import-not-at-top
 
-  model = train.create_model(config).clone(axis_name=None, dtype=jnp.float32)
+  model = methods.get(config.method).create_model(config, 1).clone(
+      axis_name=None, dtype=jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(
-      train.prng_key(0), jnp.zeros((1,) + batch_np['image'].shape[1:]))
-  objective = train.objective(config, 1)
+      train_state.prng_key(0), jnp.zeros((1,) + batch_np['image'].shape[1:]))
+  objective = methods.get(config.method).objective(config, 1)
 
   def loss_fn(params):
     prediction, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
@@ -317,7 +322,7 @@ def main(_):
     sys.exit(TORCH_MISSING)
 
   dtype = jnp.dtype(_DTYPE.value)
-  model = train.create_model(config).clone(dtype=dtype)
+  model = methods.get(config.method).create_model(config, 1).clone(dtype=dtype)
   print(f'machine: {machine.describe()}')
   print(f'JAX {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}'
         + (f'; XLA options {" ".join(_XLA_OPTIONS.value)}' if _XLA_OPTIONS.value else ''))
@@ -325,7 +330,7 @@ def main(_):
         f'compute {_DTYPE.value}')
 
   variables = jax.jit(functools.partial(model.clone(axis_name=None).init, train=False))(
-      train.prng_key(0), jnp.zeros((1, size, size, 3)))
+      train_state.prng_key(0), jnp.zeros((1, size, size, 3)))
   counted = forward_flops(width, size, size)
   xla = xla_forward_flops(model.clone(axis_name=None), variables,
                           jnp.asarray(batch_np['image'])) / batch_size

@@ -19,9 +19,11 @@ import optax  # pylint: disable=g-import-not-at-top
 
 from configs import demo  # pylint: disable=g-import-not-at-top
 from twostage_jax import data  # pylint: disable=g-import-not-at-top
+from twostage_jax import methods  # pylint: disable=g-import-not-at-top
 from twostage_jax import parallel  # pylint: disable=g-import-not-at-top
 from twostage_jax import pipeline  # pylint: disable=g-import-not-at-top
-from twostage_jax import train  # pylint: disable=g-import-not-at-top
+from twostage_jax import train_state  # pylint: disable=g-import-not-at-top
+from twostage_jax import train_step  # pylint: disable=g-import-not-at-top
 
 # SGD makes the update linear in the averaged gradient, so parameters after
 # the step compare at the precision of the gradient itself. (Adam divides
@@ -40,7 +42,7 @@ def small_config(cache_dir: str) -> ml_collections.ConfigDict:
 
 
 def initial_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation | None):
-  state = train.create_train_state(config, train.prng_key(0))
+  state = train_state.create_train_state(config, train_state.prng_key(0))
   if tx is not None:
     state = state.replace(tx=tx, opt_state=tx.init(state.params))
   return state
@@ -63,14 +65,16 @@ def run(config: ml_collections.ConfigDict, num_steps: int,
       process_index=jax.process_index(),
       seed=config.seed,
       stream=1)
-  sample = train.make_sampler_factory(config, 1, images)()
+  sample = methods.get(config.method).sampler_factory(config, 1, images)()
   state = jax.device_put(initial_state(config, tx), parallel.replicated(mesh))
   step_fn = parallel.data_parallel(
-      functools.partial(train.train_step, objective=train.objective(config, 1)), mesh)
+      functools.partial(train_step.train_step,
+                        objective=methods.get(config.method).objective(config, 1)), mesh)
   losses = []
   for step in range(num_steps):
     batch = pipeline.build_batch(images, sample, plan, step)
-    state, metrics = step_fn(state, parallel.to_global_batch(batch, mesh), train.prng_key(step))
+    state, metrics = step_fn(state, parallel.to_global_batch(batch, mesh),
+                             train_state.prng_key(step))
     losses.append(float(parallel.to_host(metrics['loss'])))
   variables = parallel.to_host({'params': state.params, 'batch_stats': state.batch_stats})
   return variables, losses

@@ -194,25 +194,29 @@ def loss_config(objective, lam=LAM):
   return ml_collections.ConfigDict({'objective': objective, 'lam': lam})
 
 
+def per_sample(objective, output, target, distorted, mask, lam=LAM):
+  """The training loss of each sample on its own (a batch of one)."""
+  return [float(losses.masked_contrast_loss(
+      output[i:i + 1], target[i:i + 1], distorted[i:i + 1], mask[i:i + 1],
+      loss_config(objective, lam))[0]) for i in range(len(output))]
+
+
 def test_objectives_match_hand_computation():
   output, target, distorted, mask = example_batch()
-  np.testing.assert_allclose(
-      losses.objective_1(output, target, mask, LAM), HAND_1, rtol=1e-5)
-  np.testing.assert_allclose(
-      losses.objective_3(output, target, distorted, mask, LAM), HAND_3, rtol=1e-5)
+  np.testing.assert_allclose(per_sample(1, output, target, distorted, mask), HAND_1, rtol=1e-5)
+  np.testing.assert_allclose(per_sample(3, output, target, distorted, mask), HAND_3, rtol=1e-5)
 
 
 def test_lambda_one_keeps_only_the_normal_term():
   output, target, distorted, mask = example_batch()
-  np.testing.assert_allclose(
-      losses.objective_1(output, target, mask, 1.0), NORMAL, rtol=1e-5)
-  np.testing.assert_allclose(
-      losses.objective_3(output, target, distorted, mask, 1.0), NORMAL, rtol=1e-5)
+  for objective in (1, 3):
+    np.testing.assert_allclose(
+        per_sample(objective, output, target, distorted, mask, 1.0), NORMAL, rtol=1e-5)
 
 
 def test_objective_3_pushes_the_output_away_from_x_inside_d_and_towards_it_outside():
   output, target, distorted, mask = example_batch()
-  loss = lambda f: jnp.sum(losses.objective_3(f, target, distorted, mask, LAM))
+  loss = lambda f: losses.masked_contrast_loss(f, target, distorted, mask, loss_config(3))[0]
   grad = np.asarray(jax.grad(loss)(output))
   error = np.asarray(output - target)
   # Modified pixel (0, 0): the normal term is masked out there; where D > 0
@@ -253,8 +257,8 @@ def test_empty_and_full_masks_give_finite_losses_and_gradients(mask_value, offse
   # lam * ||F - X||_2 / 48; full mask leaves -(1 - lam) ||D * (F - X)||_2 /
   # ||D||_1 for objective 3 and (1 - lam) ||F - X||_2 / 48 for objective 1.
   norm = offset * math.sqrt(48)
-  per_sample_3 = losses.objective_3(output, target, distorted, mask, LAM)
-  per_sample_1 = losses.objective_1(output, target, mask, LAM)
+  per_sample_3 = per_sample(3, output, target, distorted, mask)
+  per_sample_1 = per_sample(1, output, target, distorted, mask)
   if mask_value == 0.0:
     expected_3 = expected_1 = LAM * norm / 48
   else:

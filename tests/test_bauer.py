@@ -15,6 +15,7 @@ from configs import mvtec
 from twostage_jax import config_validation
 from twostage_jax import evaluate
 from twostage_jax import inference
+from twostage_jax import methods
 from twostage_jax import predict
 from twostage_jax import synthesis
 from twostage_jax import train
@@ -72,7 +73,7 @@ def test_training_logs_the_objective_terms(trained):
 def test_evaluation_reports_the_autoencoder_and_bauer_protocol(trained):
   config, workdir, results = trained
   assert list(results['rows']) == ['autoencoder']
-  assert results['stage2_step'] is None and results['final_map'] == 'autoencoder'
+  assert 'stage2_step' not in results and results['final_map'] == 'autoencoder'
   protocol = results['area_protocol']
   assert protocol['min_area'] == round(0.01 * 32 * 32)
   assert protocol['mean_tpr_tnr'] == pytest.approx((protocol['tpr'] + protocol['tnr']) / 2)
@@ -86,8 +87,8 @@ def test_anomaly_map_is_the_smoothed_channel_mean_absolute_error(trained):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (3, 32, 32, 3), np.uint8)
   maps = inference.anomaly_maps(config, model, images)['autoencoder']
-  reconstructions = train.create_model(config).apply(
-      model.stage1, jnp.asarray(images, jnp.float32) / 255.0, train=False)
+  reconstructions = methods.get(config.method).create_model(config, 1).apply(
+      model.variables[0], jnp.asarray(images, jnp.float32) / 255.0, train=False)
   error = np.mean(np.abs(np.asarray(reconstructions) - images / 255.0), axis=-1)
   expected = scipy.ndimage.gaussian_filter(error, (0, 1.0, 1.0), mode='constant', truncate=3.0)
   np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-7)
@@ -111,7 +112,7 @@ def test_predict_uses_the_autoencoder_map(trained, tmp_path):
 def test_bauer_sampler_returns_distortion_target_and_exact_mask():
   config = bauer.get_config()
   config.category = 'grid'  # all rotations and flips
-  sampler = synthesis.TrainingSampler(None, config, 1)  # Bauer's method uses no sources
+  sampler = synthesis.DistortionSampler(config)
   image = np.random.default_rng(1).random((32, 32, 3)).astype(np.float32)
   seen = set()
   for seed in range(12):
@@ -160,8 +161,9 @@ def test_patch_distortion_as_a_third_generator_for_the_two_stage_model():
 @pytest.mark.parametrize('key, value, message', [
     ('loss.objective', 2, 'config.loss.objective = 2 must be 1 or 3'),
     ('loss.lam', 1.5, 'config.loss.lam = 1.5 must be in'),
-    ('stage', 'both', "config.stage = 'both' must be '1'"),
-    ('method', 'draem', "config.method = 'draem' must be 'two_stage' or 'bauer'"),
+    ('stage', '2', "config.stage = '2' must be 'both' or '1' for method 'bauer'"),
+    ('method', 'draem', "unknown method 'draem'; known methods: 'bauer', 'two_stage'"),
+    ('image_size', 36, 'config.image_size = 36 must be a multiple of 8'),
 ])
 def test_bad_bauer_values_are_named(key, value, message):
   config = bauer.get_config()

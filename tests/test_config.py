@@ -12,7 +12,9 @@ from configs import mvtec
 from configs import mvtec_cpu
 from twostage_jax import config_validation
 from twostage_jax import parallel
-from twostage_jax import train
+from twostage_jax import schedules
+from twostage_jax import train_state
+from twostage_jax.methods import two_stage
 
 
 @pytest.mark.parametrize('get_config', [mvtec.get_config, demo.get_config,
@@ -33,7 +35,7 @@ def test_paper_recipe_values():
   assert refine.median_size == 3 and refine.combine == 'sum' and config.stage == 'both'
   # Paper 001: L2 + SSIM trains both networks.
   for stage in (1, 2):
-    loss = train.stage_loss(config, stage)
+    loss = two_stage.stage_loss(config, stage)
     assert (loss.l2_weight, loss.ssim_weight) == (1.0, 1.0)
   # The public code's test-time rule, chosen over 'absolute' on bottle and grid.
   assert refine.threshold_rule == 'tasad' and refine.threshold == 0.5
@@ -53,11 +55,11 @@ def parse_config(*overrides):
 
 def test_loss_overrides_reach_stage_2_unless_stage_2_sets_its_own():
   config = parse_config('--config.loss.ssim_weight=0.3', '--config.loss.ssim_window=7')
-  assert train.stage_loss(config, 2).ssim_weight == 0.3
-  assert train.stage_loss(config, 2).ssim_window == 7
+  assert two_stage.stage_loss(config, 2).ssim_weight == 0.3
+  assert two_stage.stage_loss(config, 2).ssim_window == 7
   config = parse_config('--config.loss.ssim_weight=0.3', '--config.stage2.loss.ssim_weight=0')
-  assert train.stage_loss(config, 1).ssim_weight == 0.3
-  stage2 = train.stage_loss(config, 2)
+  assert two_stage.stage_loss(config, 1).ssim_weight == 0.3
+  stage2 = two_stage.stage_loss(config, 2)
   assert stage2.ssim_weight == 0.0 and isinstance(stage2.ssim_weight, float)
   assert stage2.l2_weight == 1.0 and config.loss.ssim_weight == 0.3
   config_validation.validate(config)
@@ -71,7 +73,7 @@ def test_loss_overrides_reach_stage_2_unless_stage_2_sets_its_own():
     ('eval.score_filter_size', 20, 'config.eval.score_filter_size = 20 must be a positive odd'),
     ('train.lr_decay_fractions', (0.8, 1.2), 'must be fractions in'),
     ('synthesis.saim_n_segments', (), 'must be a non-empty list'),
-    ('stage', '3', "config.stage = '3' must be 'both', '1' or '2'"),
+    ('stage', '3', "config.stage = '3' must be 'both' or '1' or '2' for method 'two_stage'"),
     ('refine.combine', 'product', "config.refine.combine = 'product' must be 'sum'"),
     ('refine.threshold_rule', 'otsu', "must be 'absolute' or 'relative' or 'tasad'"),
     ('refine.tasad_th_pix', 0.0, 'config.refine.tasad_th_pix = 0.0 must be in'),
@@ -109,15 +111,15 @@ def test_every_problem_is_reported_at_once():
 def test_stage_2_has_its_own_number_of_steps_and_learning_rate_schedule():
   config = mvtec.get_config()
   config.train.num_steps = 100
-  assert train.stage_steps(config, 2) == 100  # None: the same as stage 1
+  assert schedules.stage_steps(config, 2) == 100  # None: the same as stage 1
   config.stage2.num_steps = 10
-  assert (train.stage_steps(config, 1), train.stage_steps(config, 2)) == (100, 10)
+  assert (schedules.stage_steps(config, 1), schedules.stage_steps(config, 2)) == (100, 10)
   # The optimizer a restored state gets decays at 80% and 90% of its stage's steps.
   mesh = parallel.make_mesh()
   params = {'w': jnp.ones(3)}
 
   def update_at(stage, count):
-    tx = train.abstract_train_state(config, mesh, stage).tx
+    tx = train_state.abstract_train_state(config, mesh, stage).tx
     state = optax.tree_utils.tree_set(tx.init(params), count=jnp.asarray(count, jnp.int32))
     return float(tx.update({'w': jnp.ones(3)}, state, params)[0]['w'][0])
 

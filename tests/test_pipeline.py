@@ -22,7 +22,7 @@ def source_store(size):
 
 def make_sampler(size, refine=False):
   config = demo.get_config()
-  return functools.partial(synthesis.TrainingSampler, source_store(size), config,
+  return functools.partial(synthesis.PseudoAnomalySampler, source_store(size), config,
                            2 if refine else 1)
 
 

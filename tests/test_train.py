@@ -15,8 +15,12 @@ import pytest
 from configs import demo
 from twostage_jax import evaluate
 from twostage_jax import inference
+from twostage_jax import methods
 from twostage_jax import parallel
+from twostage_jax import precision
 from twostage_jax import train
+from twostage_jax import train_state
+from twostage_jax import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,8 +63,8 @@ def environment(num_devices):
 
 
 def final_params(config, workdir, stage):
-  state, step = train.restore_state(config, str(workdir), stage, parallel.make_mesh())
-  return jax.tree.leaves(jax.device_get(train.variables_of(state))), step
+  state, step = train_state.restore_state(config, str(workdir), stage, parallel.make_mesh())
+  return jax.tree.leaves(jax.device_get(train_state.variables_of(state))), step
 
 
 @pytest.fixture(scope='module')
@@ -176,7 +180,8 @@ def test_train_then_evaluate_from_the_checkpoint(cache_dir, tmp_path):
   assert all(0 <= r['data_wait_fraction'] <= 1 for r in lines[1:])
   assert os.listdir(tmp_path / 'checkpoints' / 'stage1') == ['4']  # keeps 1
 
-  model = inference.TrainedModel('two_stage', jax.device_get(train.variables_of(state)), 4)
+  model = inference.TrainedModel(
+      'two_stage', (jax.device_get(train_state.variables_of(state)),), (4,))
   after_training = evaluate.evaluate(config, str(tmp_path), model)
   from_checkpoint = evaluate.evaluate(config, str(tmp_path))
   assert from_checkpoint == after_training
@@ -210,9 +215,9 @@ def test_unknown_demo_category_is_a_clear_error(cache_dir, tmp_path):
 def test_compute_dtype_auto_is_float32_on_cpu_and_can_be_set():
   config = demo.get_config()
   assert config.model.compute_dtype == 'auto'
-  assert jax.default_backend() == 'cpu' and train.compute_dtype(config) == jax.numpy.float32
+  assert jax.default_backend() == 'cpu' and precision.compute_dtype(config) == jax.numpy.float32
   config.model.compute_dtype = 'bfloat16'
-  assert train.create_model(config).dtype == jax.numpy.bfloat16
+  assert methods.get(config.method).create_model(config, 1).dtype == jax.numpy.bfloat16
 
 
 @pytest.mark.parametrize('method', ['two_stage', 'bauer'])
@@ -230,14 +235,15 @@ def test_bfloat16_training_keeps_float32_state_and_learns(method):
   masks = (rng.random((8, 16, 16)) < 0.2).astype(np.float32)
   batch = {'image': images, 'mask': masks, 'target': images * (1 - masks[..., None])}
   mesh = parallel.make_mesh()
-  state = jax.device_put(train.create_train_state(config, train.prng_key(0)),
+  state = jax.device_put(train_state.create_train_state(config, train_state.prng_key(0)),
                          parallel.replicated(mesh))
+  objective = methods.get(config.method).objective(config, 1)
   step = parallel.data_parallel(
-      lambda s, b, k: train.train_step(s, b, k, train.objective(config, 1)), mesh)
+      lambda s, b, k: train_step.train_step(s, b, k, objective), mesh)
   batch = jax.device_put(batch, parallel.batch_sharded(mesh))
   losses = []
   for i in range(12):
-    state, metrics = step(state, batch, train.prng_key(i))
+    state, metrics = step(state, batch, train_state.prng_key(i))
     losses.append(float(metrics['loss']))
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
   dtypes = {leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state,

@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import main
 from configs import demo
 from twostage_jax import calibration
+from twostage_jax import cli
 from twostage_jax import data
 from twostage_jax import evaluate
 from twostage_jax import inference
 from twostage_jax import predict
 from twostage_jax import synthesis
 from twostage_jax import train
+from twostage_jax import train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ['stage 1', 'stage 2', 'combined']
@@ -62,8 +63,8 @@ def trained(tmp_path_factory):
 
 def test_both_stages_train_on_l2_plus_ssim_with_their_own_checkpoints(trained):
   _, workdir, _ = trained
-  assert sorted(os.listdir(train.checkpoint_dir(workdir, 1))) == ['2', '4']
-  assert sorted(os.listdir(train.checkpoint_dir(workdir, 2))) == ['2', '4']
+  assert sorted(os.listdir(train_state.checkpoint_dir(workdir, 1))) == ['2', '4']
+  assert sorted(os.listdir(train_state.checkpoint_dir(workdir, 2))) == ['2', '4']
   records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert [r['stage'] for r in records] == [1] * 4 + [2] * 4
   for record in records:  # paper 001: L2 + SSIM trains both networks
@@ -125,7 +126,7 @@ def test_thresholds_are_quantiles_of_the_held_out_normal_images(trained):
   stored = json.load(open(calibration.thresholds_path(workdir)))
   assert stored == results['thresholds']
   assert stored['num_holdout_images'] == 2  # 10% of 20 training images
-  _, held_out = train.training_images(config)
+  _, held_out = data.training_images(config)
   model = inference.load_model(config, workdir)
   maps = inference.anomaly_maps(config, model, held_out)
   scores = inference.image_scores(config, maps)
@@ -144,7 +145,38 @@ def test_thresholds_are_quantiles_of_the_held_out_normal_images(trained):
   smoothed_maps = inference.anomaly_maps(smoothed, model, held_out)
   assert again['pixel'] == pytest.approx(np.quantile(smoothed_maps['combined'], 0.999), rel=1e-6)
   assert json.load(open(calibration.thresholds_path(workdir)))['map_sigma'] == 2.0
+
+  # So does a refinement setting: the combined map is another one.
+  refined = config.copy_and_resolve_references()
+  refined.refine.combine = 'max'
+  again = calibration.ensure_thresholds(refined, workdir, model)
+  refined_maps = inference.anomaly_maps(refined, model, held_out)
+  assert again['pixel'] == pytest.approx(np.quantile(refined_maps['combined'], 0.999), rel=1e-6)
+  assert json.load(open(calibration.thresholds_path(workdir)))['refine']['combine'] == 'max'
   calibration.ensure_thresholds(config, workdir, model)  # restores the stored ones
+
+
+def test_evaluation_pairs_stage2_with_the_stage1_checkpoint_it_was_trained_on(
+    trained, tmp_path, caplog):
+  config, workdir, _ = trained
+  assert train_state.provenance(config, workdir, 2, 4) == {'stage1_step': 4}
+  run = str(tmp_path / 'run')
+  shutil.copytree(os.path.join(workdir, 'checkpoints'), os.path.join(run, 'checkpoints'))
+  # A newer stage-1 checkpoint, as after training stage 1 further: stage 2 still pairs with 4.
+  shutil.copytree(os.path.join(run, 'checkpoints', 'stage1', '4'),
+                  os.path.join(run, 'checkpoints', 'stage1', '6'))
+  assert inference.load_model(config, run).stage_steps == (4, 4)
+
+  explicit = config.copy_and_resolve_references()
+  explicit.eval.stage1_step = 2
+  with caplog.at_level('WARNING'):
+    assert inference.load_model(explicit, run).stage_steps == (2, 4)
+  assert 'not trained together' in caplog.text
+
+  shutil.rmtree(os.path.join(run, 'checkpoints', 'stage1', '4'))
+  with pytest.raises(FileNotFoundError, match='trained on the stage-1 checkpoint of step 4, '
+                                              'which is gone'):
+    inference.load_model(config, run)
 
 
 def test_holdout_split_is_fixed_disjoint_and_checked():
@@ -162,7 +194,7 @@ def test_holdout_split_is_fixed_disjoint_and_checked():
 
 def test_training_never_sees_the_held_out_images(trained):
   config, _, _ = trained
-  kept, held_out = train.training_images(config)
+  kept, held_out = data.training_images(config)
   everything = data.load_train_images(data.resolve_data_dir(config), config.category,
                                       config.image_size)
   assert len(kept) + len(held_out) == len(everything)
@@ -172,7 +204,7 @@ def test_training_never_sees_the_held_out_images(trained):
 
 def test_self_sources_are_the_training_images_without_the_held_out_ones(trained):
   config, _, _ = trained
-  kept, held_out = train.training_images(config)
+  kept, held_out = data.training_images(config)
   stores = os.path.join(config.cache_dir, 'sources')
   [name] = [n for n in os.listdir(stores) if n.startswith(f'{config.category}-train-')]
   store = synthesis.SourceStore.open(os.path.join(stores, name))
@@ -183,7 +215,7 @@ def test_self_sources_are_the_training_images_without_the_held_out_ones(trained)
 
 def test_a_stage1_only_run_reports_one_row(trained, tmp_path):
   config, workdir, _ = trained
-  shutil.copytree(train.checkpoint_dir(workdir, 1), train.checkpoint_dir(str(tmp_path), 1))
+  shutil.copytree(train_state.checkpoint_dir(workdir, 1), train_state.checkpoint_dir(str(tmp_path), 1))
   results = evaluate.evaluate(config, str(tmp_path))
   assert list(results['rows']) == ['stage 1']
   assert results['stage2_step'] is None and results['thresholds']['map'] == 'stage 1'
@@ -241,11 +273,11 @@ def test_predict_errors_name_the_problem(trained, tmp_path):
 @pytest.mark.slow
 def test_all_categories_trains_one_model_each_and_summarises(tmp_path, capsys):
   config = tiny_config(tmp_path / 'cache', category='all', **{'train.num_steps': 2})
-  main.run_all_categories(config, str(tmp_path / 'runs'), 'train')
+  cli.run_all_categories(config, str(tmp_path / 'runs'), 'train')
   summary = json.load(open(tmp_path / 'runs' / 'eval' / 'summary.json'))
   assert [r['category'] for r in summary] == list(data.DEMO_CATEGORIES)
   for category in data.DEMO_CATEGORIES:
-    assert os.path.isdir(train.checkpoint_dir(str(tmp_path / 'runs' / category), 2))
+    assert os.path.isdir(train_state.checkpoint_dir(str(tmp_path / 'runs' / category), 2))
   report_md = (tmp_path / 'runs' / 'eval' / 'report.md').read_text()
   mean_line = next(line for line in report_md.splitlines() if '| **mean** | combined |' in line)
   expected = np.mean([r['rows']['combined']['pixel_auroc'] for r in summary])

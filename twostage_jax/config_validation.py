@@ -1,18 +1,15 @@
 """Checks a run's config before any work starts, naming the offending key."""
 
-from typing import Any, Callable
-
 import ml_collections
 
 from twostage_jax import data
-from twostage_jax import refine
-from twostage_jax import train
+from twostage_jax import methods
+from twostage_jax import precision
+from twostage_jax.methods import base
 
-METHODS = ('two_stage', 'bauer')
-
-# (key, predicate, what the value must be), for every method.
-_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ('method', lambda v: v in METHODS, "'two_stage' or 'bauer'"),
+# (key, predicate, what the value must be), for every method; each method
+# adds its own (methods/).
+_RULES: tuple[base.Rule, ...] = (
     ('image_size', lambda v: v > 0 and v % 4 == 0, 'a positive multiple of 4'),
     ('data_cache', lambda v: v in data.DATA_CACHES, "'tfds' or 'none'"),
     ('train.global_batch_size', lambda v: v > 0, 'positive'),
@@ -44,7 +41,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('calibration.holdout_fraction', lambda v: 0 <= v < 1, 'in [0, 1)'),
     ('calibration.image_quantile', lambda v: 0 < v <= 1, 'in (0, 1]'),
     ('calibration.pixel_quantile', lambda v: 0 < v <= 1, 'in (0, 1]'),
-    ('model.compute_dtype', lambda v: v == 'auto' or v in train.COMPUTE_DTYPES,
+    ('model.compute_dtype', lambda v: v == 'auto' or v in precision.COMPUTE_DTYPES,
      "'auto', 'float32' or 'bfloat16'"),
     ('eval.batch_size', lambda v: v > 0, 'positive'),
     ('eval.num_examples', lambda v: v >= 0, '0 or more'),
@@ -53,55 +50,18 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('eval.map_sigma', lambda v: v >= 0, '0 or more'),
 )
 
-_METHOD_RULES: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
-    'two_stage': (
-        ('model.width', lambda v: v > 0, 'positive'),
-        ('stage', lambda v: v in ('both', '1', '2'), "'both', '1' or '2'"),
-        ('refine.threshold_rule', lambda v: v in refine.THRESHOLD_RULES,
-         ' or '.join(map(repr, refine.THRESHOLD_RULES))),
-        ('refine.tasad_th_pix', lambda v: 0 < v <= 1, 'in (0, 1]'),
-        ('refine.tasad_th_val', lambda v: 0 <= v < 255, 'in [0, 255)'),
-        ('refine.median_size', lambda v: v > 0 and v % 2 == 1, 'a positive odd number'),
-        ('refine.n_segments', lambda v: v > 1, 'more than 1'),
-        ('refine.compactness', lambda v: v > 0, 'positive'),
-        ('refine.sigma', lambda v: v >= 0, '0 or more'),
-        ('refine.combine', lambda v: v in refine.COMBINE_RULES,
-         "'sum', 'mean', 'max' or 'stage2'"),
-        ('stage2.num_steps', lambda v: v is None or v > 0, 'positive, or None (= train.num_steps)'),
-        ('stage2.loss.l2_weight', lambda v: v is None or v >= 0,
-         '0 or more, or None (= loss.l2_weight)'),
-        ('stage2.loss.ssim_weight', lambda v: v is None or v >= 0,
-         '0 or more, or None (= loss.ssim_weight)'),
-    ),
-    'bauer': (
-        ('stage', lambda v: v == '1', "'1' (Bauer's model is a single network)"),
-        ('model.encoder_widths', lambda v: len(v) > 0 and all(w > 0 for w in v),
-         'a non-empty list of positive widths'),
-        ('model.sdc_blocks', lambda v: v >= 0, '0 or more'),
-        ('model.sdc_filters', lambda v: v > 0, 'positive'),
-        ('model.sdc_dilations', lambda v: len(v) > 0 and all(d > 0 for d in v),
-         'a non-empty list of positive dilations'),
-        ('loss.objective', lambda v: v in (1, 3), '1 or 3'),
-        ('loss.lam', lambda v: 0 <= v <= 1, 'in [0, 1]'),
-        ('eval.min_defect_fraction', lambda v: 0 < v < 1, 'in (0, 1)'),
-    ),
-}
-
-
-def _get(config: ml_collections.ConfigDict, key: str) -> Any:
-  value = config
-  for part in key.split('.'):
-    value = value[part]
-  return value
-
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError listing every config value outside its valid range."""
-  problems = []
-  rules = _RULES + _METHOD_RULES.get(config.method, ())
-  for key, valid, expected in rules:
-    value = _get(config, key)
-    if not valid(value):
-      problems.append(f'config.{key} = {value!r} must be {expected}')
+  """Raises ValueError listing every config value outside its valid range.
+
+  An unknown `method` is reported alone, naming the known ones.
+  """
+  method = methods.get(config.method)
+  problems = base.rule_problems(config, _RULES)
+  stages = ('both',) + tuple(map(str, method.stages))
+  if config.stage not in stages:
+    problems.append(f'config.stage = {config.stage!r} must be '
+                    f"{' or '.join(map(repr, stages))} for method {method.name!r}")
+  problems += method.config_problems(config)
   if problems:
     raise ValueError('invalid config:\n  ' + '\n  '.join(problems))

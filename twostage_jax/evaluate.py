@@ -1,9 +1,9 @@
 """Evaluation on a category's test split: MVTec metrics per map, the report.
 
-Two-stage model rows: 'stage 1' (the coarse map), 'stage 2' (the refined
-re-segmentation) and 'combined' (the final map), so a user sees what stage 2
-adds. Bauer's autoencoder: one row, plus Bauer's minimum-area protocol
-(area_protocol.py). Every metric of a row comes from one set of test maps,
+One row per map of the method, in its order (two-stage model: 'stage 1',
+the coarse map, 'stage 2', the refined re-segmentation, and 'combined', the
+final map, so a user sees what stage 2 adds), plus the method's own results
+(Bauer's minimum-area protocol). Every metric of a row comes from one set of test maps,
 computed once. Output in `<workdir>/eval/`: metrics.json, report.md,
 roc.png, pro.png, examples.png.
 """
@@ -16,14 +16,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from twostage_jax import area_protocol
 from twostage_jax import atomic_write
 from twostage_jax import calibration
 from twostage_jax import data
 from twostage_jax import inference
+from twostage_jax import methods
 from twostage_jax import metrics
 from twostage_jax import report
-from twostage_jax import train
 
 _CURVE_POINTS = 1000  # plotted points per curve; the metrics use every point
 PRO_MAX_FPR = 0.3  # the MVTec AD convention, which the report's column titles state
@@ -41,24 +40,6 @@ def row_metrics(maps: np.ndarray, scores: np.ndarray, test: data.TestSet
       'image_f1_max': metrics.f1_max(scores, test.labels)[0],
       'pixel_iou_max': metrics.iou_max(maps, test.masks)[0],
   }
-
-
-def min_defect_area(config: ml_collections.ConfigDict) -> int:
-  """Bauer's minimum defect area of the category, in pixels at image_size."""
-  fraction = config.eval.min_defect_fraction_by_category.get(
-      config.category, config.eval.min_defect_fraction)
-  return max(1, round(fraction * config.image_size ** 2))
-
-
-def bauer_protocol(config: ml_collections.ConfigDict, model: inference.TrainedModel,
-                   test_maps: np.ndarray, test: data.TestSet) -> dict[str, float]:
-  """TPR, TNR, their mean, image and pixel F1 at the held-out minimum-area threshold."""
-  _, held_out = train.training_images(config)
-  normal_maps = inference.anomaly_maps(config, model, held_out)[model.final_map]
-  area = min_defect_area(config)
-  threshold = area_protocol.area_threshold(normal_maps, area)
-  return area_protocol.evaluate_at_area_threshold(
-      test_maps, test.masks, test.labels, threshold, area)
 
 
 def _thin(curve: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -112,8 +93,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   if model is None:
     model = inference.load_model(config, workdir)
   test = data.category_test_set(config)
-  logging.info('evaluating %s (stage 1 step %s, stage 2 step %s) on %d test images',
-               config.category, model.stage1_step, model.stage2_step, len(test.images))
+  logging.info('evaluating %s (%s) on %d test images', config.category,
+               ', '.join(f'{k} {v}' for k, v in model.steps.items()), len(test.images))
   maps = inference.anomaly_maps(config, model, test.images)
   scores = inference.image_scores(config, maps)
   thresholds = None
@@ -128,8 +109,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       'rows': {k: row_metrics(maps[k], scores[k], test) for k in maps},
       'thresholds': thresholds,
   }
-  if config.method == 'bauer' and thresholds is not None:
-    results['area_protocol'] = bauer_protocol(config, model, maps[model.final_map], test)
+  results.update(methods.get(config.method).extra_results(
+      config, maps[model.final_map], test,
+      lambda: inference.anomaly_maps(config, model, data.training_images(config)[1])[
+          model.final_map]))
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, 'eval')
     os.makedirs(out_dir, exist_ok=True)

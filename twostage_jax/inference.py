@@ -1,22 +1,14 @@
 """Inference: trained checkpoints -> anomaly maps and image scores.
 
-Two-stage model: stage 1 maps each image; the refinement (refine.py) keeps
-the SLIC superpixels it flagged; stage 2 maps that masked image; the final
-map combines both. SLIC runs on the host, in worker processes. Bauer's
-autoencoder: the absolute reconstruction error averaged over the channels,
-Gaussian-smoothed. Networks run on this process's devices, the images split
-over them.
+The method (methods/) gives the maps of its trained stages and any host-side
+inputs they need (the two-stage model's SLIC labels, computed ahead in worker
+processes); every map is then Gaussian-smoothed by `eval.map_sigma`.
+Networks run on this process's devices, the images split over them.
 """
 
-import concurrent.futures
 import dataclasses
 import functools
-import itertools
 import json
-import multiprocessing
-import os
-from collections.abc import Iterator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,90 +18,100 @@ from absl import logging
 from jax.sharding import Mesh
 
 from twostage_jax import losses
+from twostage_jax import methods
 from twostage_jax import parallel
-from twostage_jax import refine
-from twostage_jax import synthesis
-from twostage_jax import train
+from twostage_jax import train_state
 from twostage_jax import xla_options
 from twostage_jax.models.segmentation import DATA_AXIS
 
-Variables = dict[str, Any]
-STAGE1, STAGE2, COMBINED = 'stage 1', 'stage 2', 'combined'
-AUTOENCODER = 'autoencoder'
-MAP_NAMES = (STAGE1, STAGE2, COMBINED, AUTOENCODER)  # the order of every report
+Variables = train_state.Variables
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
-  """Host copies of the trained variables; stage 2 is None if not trained.
-
-  For Bauer's method (`method='bauer'`) stage 1 is the autoencoder.
-  """
+  """Host copies of the trained variables of stages 1..n of a method, and their steps."""
 
   method: str
-  stage1: Variables
-  stage1_step: int
-  stage2: Variables | None = None
-  stage2_step: int | None = None
+  variables: tuple[Variables, ...]
+  stage_steps: tuple[int, ...]
+
+  @property
+  def trained(self) -> tuple[int, ...]:
+    """The trained stages."""
+    return tuple(range(1, len(self.variables) + 1))
 
   @property
   def final_map(self) -> str:
     """Name of the map decisions are made on."""
-    if self.method == 'bauer':
-      return AUTOENCODER
-    return STAGE1 if self.stage2 is None else COMBINED
+    return methods.get(self.method).final_map(self.trained)
 
   @property
   def steps(self) -> dict[str, int | None]:
-    return {'stage1_step': self.stage1_step, 'stage2_step': self.stage2_step}
+    """'stage<n>_step' of every stage of the method; None for an untrained one."""
+    return {f'stage{stage}_step': (self.stage_steps[stage - 1]
+                                   if stage <= len(self.stage_steps) else None)
+            for stage in methods.get(self.method).stages}
 
 
-def _has_checkpoint(workdir: str, stage: int) -> bool:
-  folder = train.checkpoint_dir(workdir, stage)
-  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+def _stage_step(config: ml_collections.ConfigDict, workdir: str, stage: int,
+                recorded: dict[str, int]) -> int:
+  """The checkpoint step of `stage` to load: explicit, recorded by a later stage, or newest.
+
+  Raises:
+    FileNotFoundError: if the checkpoint a later stage was trained on is gone.
+  """
+  explicit = config.eval.get(f'stage{stage}_step', -1)
+  key = f'stage{stage}_step'
+  if explicit >= 0:
+    if key in recorded and recorded[key] != explicit:
+      logging.warning(
+          'eval.%s = %d, but the later stage was trained on stage %d of step %d: '
+          'this pair was not trained together', key, explicit, stage, recorded[key])
+    return explicit
+  if key not in recorded:
+    return -1
+  if not train_state.has_checkpoint_at(workdir, stage, recorded[key]):
+    raise FileNotFoundError(
+        f'stage {stage + 1} of {workdir} was trained on the stage-{stage} checkpoint of step '
+        f'{recorded[key]}, which is gone from {train_state.checkpoint_dir(workdir, stage)}; '
+        f'set --config.eval.{key}=<step> to pair it with another one')
+  logging.info('using the stage-%d checkpoint of step %d, which the later stage was trained on',
+               stage, recorded[key])
+  return recorded[key]
 
 
 def load_model(config: ml_collections.ConfigDict, workdir: str) -> TrainedModel:
-  """Restores stage 1 and, when it was trained, stage 2 (`eval.stage<n>_step`).
+  """Restores the method's trained stages from `workdir`.
+
+  The last trained stage is loaded first (`eval.stage<n>_step`, or its
+  newest intact checkpoint); the stages it is built on are the checkpoints
+  it records having been trained on, unless `eval.stage<n>_step` says
+  otherwise. A stage without checkpoints ends the list.
 
   Raises:
     FileNotFoundError: naming the workdir, if stage 1 has no checkpoint.
   """
+  method = methods.get(config.method)
   mesh = parallel.make_mesh()
-  state1, step1 = train.restore_state(config, workdir, 1, mesh, config.eval.stage1_step)
-  stage1 = parallel.to_host(train.variables_of(state1))
-  if config.method == 'bauer':
-    return TrainedModel(config.method, stage1, step1)
-  if not _has_checkpoint(workdir, 2):
-    logging.warning('no stage-2 checkpoint in %s: using stage 1 alone',
-                    train.checkpoint_dir(workdir, 2))
-    return TrainedModel(config.method, stage1, step1)
-  state2, step2 = train.restore_state(config, workdir, 2, mesh, config.eval.stage2_step)
-  return TrainedModel(config.method, stage1, step1,
-                      parallel.to_host(train.variables_of(state2)), step2)
-
-
-def superpixel_batches(images: np.ndarray, config: ml_collections.ConfigDict,
-                       batch_size: int, num_workers: int) -> Iterator[np.ndarray]:
-  """int32 (B, H, W) SLIC labels (`refine` settings) of consecutive batches.
-
-  SLIC holds the GIL, so with `num_workers` > 0 and more than a few images
-  it runs in spawned processes that work ahead while the device maps the
-  batches already labelled.
-  """
-  label = functools.partial(
-      synthesis.slic_labels, n_segments=config.refine.n_segments,
-      compactness=config.refine.compactness, sigma=config.refine.sigma)
-  starts = range(0, len(images), batch_size)
-  if num_workers == 0 or len(images) < 4 * num_workers:
-    for start in starts:
-      yield np.stack([label(image) for image in images[start:start + batch_size]])
-    return
-  context = multiprocessing.get_context('spawn')
-  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-    labels = pool.map(label, images, chunksize=max(1, min(4, batch_size // num_workers)))
-    for start in starts:
-      yield np.stack(list(itertools.islice(labels, len(images[start:start + batch_size]))))
+  trained = []
+  for stage in method.stages:
+    if not train_state.has_checkpoint(workdir, stage):
+      break
+    trained.append(stage)
+  if trained and len(trained) < len(method.stages):
+    missing = len(trained) + 1
+    logging.warning('no stage-%d checkpoint in %s: using stages up to %d', missing,
+                    train_state.checkpoint_dir(workdir, missing), trained[-1])
+  last = trained[-1] if trained else 1  # restoring stage 1 names the missing folder
+  variables, steps, recorded = {}, {}, {}
+  for stage in range(last, 0, -1):
+    state, step = train_state.restore_state(config, workdir, stage, mesh,
+                                            _stage_step(config, workdir, stage, recorded))
+    variables[stage], steps[stage] = parallel.to_host(train_state.variables_of(state)), step
+    recorded.update(train_state.provenance(config, workdir, stage, step))
+  stages = sorted(variables)
+  return TrainedModel(config.method, tuple(variables[s] for s in stages),
+                      tuple(steps[s] for s in stages))
 
 
 def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
@@ -127,45 +129,27 @@ def smooth(maps: jax.Array, sigma: float) -> jax.Array:
   return losses.gaussian_filter_same(window, sigma)(maps[..., None])[..., 0]
 
 
-def reconstruction_error_map(reconstructions: jax.Array, images: jax.Array) -> jax.Array:
-  """Bauer's anomaly map (B, H, W): |F(X) - X| averaged over the channels.
+def maps_fn(config: ml_collections.ConfigDict, trained: tuple[int, ...]):
+  """Pure (variables, batch) -> {map name: (B, H, W)} for one device's uint8 images.
 
-  The paper's heatmap averages the per-channel reconstruction difference
-  over the colour channels (and smooths it: `eval.map_sigma`).
+  Every reported map is smoothed by `eval.map_sigma`; a method's own steps
+  (the two-stage refinement) read its raw maps, as in training.
   """
-  return jnp.mean(jnp.abs(reconstructions.astype(jnp.float32) - images), axis=-1)
-
-
-def maps_fn(config: ml_collections.ConfigDict, two_stage: bool):
-  """Pure (variables, batch) -> {map name: (B, H, W)} for one device's images.
-
-  Every reported map is smoothed by `eval.map_sigma`; the refinement reads
-  the raw stage-1 map, as in training.
-  """
-  model = train.create_model(config)
+  method_maps = methods.get(config.method).maps_fn(config, trained)
 
   def maps(variables, batch):
-    images = batch['image'].astype(jnp.float32) / 255.0
-    if config.method == 'bauer':
-      reconstructions = model.apply(variables[0], images, train=False)
-      out = {AUTOENCODER: reconstruction_error_map(reconstructions, images)}
-    else:
-      out = {STAGE1: model.apply(variables[0], images, train=False)}
-      if two_stage:
-        selected = refine.region(out[STAGE1], batch['labels'], config.refine)
-        out[STAGE2] = model.apply(
-            variables[1], refine.masked_input(images, selected), train=False)
-        out[COMBINED] = refine.combine(out[STAGE1], out[STAGE2], config.refine.combine)
-    return {name: smooth(m, config.eval.map_sigma) for name, m in out.items()}
+    batch = {**batch, 'image': batch['image'].astype(jnp.float32) / 255.0}
+    return {name: smooth(m, config.eval.map_sigma)
+            for name, m in method_maps(variables, batch).items()}
 
   return maps
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_maps_fn(config_json: str, two_stage: bool, mesh: Mesh):
+def _compiled_maps_fn(config_json: str, trained: tuple[int, ...], mesh: Mesh):
   """maps_fn mapped over `mesh`, kept so that later calls reuse its compilation."""
   config = ml_collections.ConfigDict(json.loads(config_json))
-  return parallel.per_shard(maps_fn(config, two_stage), mesh,
+  return parallel.per_shard(maps_fn(config, trained), mesh,
                             xla_options.compiler_options(config))
 
 
@@ -173,32 +157,29 @@ def anomaly_maps(config: ml_collections.ConfigDict, model: TrainedModel,
                  images: np.ndarray) -> dict[str, np.ndarray]:
   """float32 (N, H, W) maps of uint8 (N, H, W, 3) images, by map name.
 
-  Names: 'stage 1', and with a trained stage 2 also 'stage 2' and
-  'combined'. Batches of `eval.batch_size` (rounded up to a multiple of
-  the local devices) are split over this process's devices; the last one
-  is padded. Superpixels of later batches are computed while the device
-  maps earlier ones.
+  The names and their order are the method's (the two-stage model: 'stage
+  1', and with a trained stage 2 also 'stage 2' and 'combined'). Batches of
+  `eval.batch_size` (rounded up to a multiple of the local devices) are split
+  over this process's devices; the last one is padded. Host inputs of later
+  batches are computed while the device maps earlier ones.
   """
-  two_stage = model.stage2 is not None
   mesh = Mesh(np.array(jax.local_devices()), (DATA_AXIS,))
   devices = mesh.devices.size
   batch_size = -(-config.eval.batch_size // devices) * devices
-  infer = _compiled_maps_fn(config.to_json(), two_stage, mesh)
-  variables = jax.device_put(
-      (model.stage1, model.stage2 if two_stage else {}), parallel.replicated(mesh))
-  labels = (superpixel_batches(images, config, batch_size, config.train.num_workers)
-            if two_stage else itertools.repeat(None))
+  infer = _compiled_maps_fn(config.to_json(), model.trained, mesh)
+  variables = jax.device_put(model.variables, parallel.replicated(mesh))
+  host_inputs = methods.get(config.method).host_inputs(
+      config, model.trained, images, batch_size, config.train.num_workers)
   outputs = []
-  for start, batch_labels in zip(range(0, len(images), batch_size), labels):
-    batch = {'image': images[start:start + batch_size]}
-    if batch_labels is not None:
-      batch['labels'] = batch_labels
+  for start, extra in zip(range(0, len(images), batch_size), host_inputs):
+    batch = {'image': images[start:start + batch_size], **extra}
     count = len(batch['image'])
     batch = {k: np.concatenate([v, np.zeros((batch_size - count,) + v.shape[1:], v.dtype)])
              for k, v in batch.items()}
     maps = infer(variables, jax.device_put(batch, parallel.batch_sharded(mesh)))
     outputs.append({k: np.asarray(v)[:count] for k, v in maps.items()})
-  return {k: np.concatenate([o[k] for o in outputs]) for k in MAP_NAMES if k in outputs[0]}
+  names = methods.get(config.method).map_names(model.trained)
+  return {k: np.concatenate([o[k] for o in outputs]) for k in names}
 
 
 def image_scores(config: ml_collections.ConfigDict, maps: dict[str, np.ndarray]

@@ -146,41 +146,6 @@ def _terms(output: jax.Array, target: jax.Array, distorted: jax.Array | None,
   return normal_term, modified_term
 
 
-def objective_1(output: jax.Array, target: jax.Array, mask: jax.Array,
-                lam: float | jax.Array) -> jax.Array:
-  """Bauer's objective (1), an inpainting loss, per sample.
-
-  Args:
-    output: network outputs F(X_hat), (B, H, W, C).
-    target: normal images X, (B, H, W, C).
-    mask: masks M of modified pixels, (B, H, W) in {0, 1}.
-    lam: weight of the normal region, in [0, 1].
-
-  Returns:
-    The losses, (B,).
-  """
-  normal_term, modified_term = _terms(output, target, None, mask)
-  return lam * normal_term + (1.0 - lam) * modified_term
-
-
-def objective_3(output: jax.Array, target: jax.Array, distorted: jax.Array,
-                mask: jax.Array, lam: float | jax.Array) -> jax.Array:
-  """Bauer's objective (3), the masked contrast loss, per sample.
-
-  Args:
-    output: network outputs F(X_hat), (B, H, W, C).
-    target: normal images X, (B, H, W, C).
-    distorted: network inputs X_hat, (B, H, W, C).
-    mask: masks M of modified pixels, (B, H, W) in {0, 1}.
-    lam: weight of the normal region, in [0, 1].
-
-  Returns:
-    The losses, (B,).
-  """
-  normal_term, modified_term = _terms(output, target, distorted, mask)
-  return lam * normal_term - (1.0 - lam) * modified_term
-
-
 def masked_contrast_loss(
     output: jax.Array, target: jax.Array, distorted: jax.Array,
     mask: jax.Array, config: ml_collections.ConfigDict,

@@ -8,7 +8,8 @@ from twostage_jax.synthesis.perlin import perlin_mask
 from twostage_jax.synthesis.perlin import perlin_noise
 from twostage_jax.synthesis.pseudo_anomaly import PseudoAnomalySynthesizer
 from twostage_jax.synthesis.pseudo_anomaly import superpixel_paste
-from twostage_jax.synthesis.samples import TrainingSampler
+from twostage_jax.synthesis.samples import DistortionSampler
+from twostage_jax.synthesis.samples import PseudoAnomalySampler
 from twostage_jax.synthesis.samples import augment_settings
 from twostage_jax.synthesis.source_store import SourceStore
 from twostage_jax.synthesis.source_store import build_image_store
@@ -20,10 +21,11 @@ from twostage_jax.synthesis.superpixel import superpixel_mask
 
 __all__ = [
     'AUGMENTERS',
+    'DistortionSampler',
     'PatchDistorter',
+    'PseudoAnomalySampler',
     'PseudoAnomalySynthesizer',
     'SourceStore',
-    'TrainingSampler',
     'augment_settings',
     'build_image_store',
     'build_source_store',

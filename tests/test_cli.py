@@ -1,0 +1,54 @@
+"""main.py as a user meets it: mistakes end in one line naming the problem, before any work."""
+
+import os
+import subprocess
+import sys
+
+from configs import demo
+from twostage_jax import run_config
+from twostage_jax import workdir_lock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(workdir, *flags):
+  command = [sys.executable, os.path.join(ROOT, 'main.py'),
+             f'--config={os.path.join(ROOT, "configs", "demo.py")}', f'--workdir={workdir}',
+             *flags]
+  result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  return result.stderr
+
+
+def test_a_misspelt_config_key_is_one_line_with_a_suggestion(tmp_path):
+  stderr = run_main(tmp_path / 'run', '--config.trian.num_steps=5')
+  assert 'error: bad --config override' in stderr and 'Did you mean "train"' in stderr
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_invalid_values_are_listed_before_any_work(tmp_path):
+  stderr = run_main(tmp_path / 'run', '--config.train.num_steps=-5', '--config.method=draem')
+  assert "error: unknown method 'draem'; known methods: 'bauer', 'two_stage'" in stderr
+  stderr = run_main(tmp_path / 'run', '--config.train.num_steps=-5')
+  assert 'config.train.num_steps = -5 must be positive' in stderr
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_an_override_that_changes_what_was_learned_is_refused(tmp_path):
+  workdir = tmp_path / 'run'
+  run_config.save(demo.get_config(), str(workdir))
+  stderr = run_main(workdir, '--config.model.width=16', '--config.category=washer',
+                    '--config.train.log_every=1')
+  refused = stderr.split('would change it:')[1].split('Drop them')[0]
+  assert 'model.width' in refused and 'category' in refused and 'log_every' not in refused
+  assert sorted(os.listdir(workdir)) == ['config.json']
+
+
+def test_a_second_run_on_a_workdir_is_refused_naming_the_first(tmp_path):
+  workdir = str(tmp_path / 'run')
+  with workdir_lock.WorkdirLock(workdir, run_id='first'):
+    stderr = run_main(workdir, '--config.train.num_steps=1')
+  assert f'pid {os.getpid()}' in stderr and 'first' in stderr and 'in use by another run' in stderr
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))

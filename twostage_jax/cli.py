@@ -1,0 +1,167 @@
+"""The program behind main.py: flags, the run's config, the modes, all categories.
+
+It lives in the package so that main.py stays import-free: the input
+pipeline's spawned workers re-import main.py, and must not import JAX.
+"""
+
+import os
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from twostage_jax import atomic_write
+from twostage_jax import checkpoints
+from twostage_jax import config_validation
+from twostage_jax import data
+from twostage_jax import evaluate
+from twostage_jax import inference
+from twostage_jax import parallel
+from twostage_jax import pipeline
+from twostage_jax import predict
+from twostage_jax import report
+from twostage_jax import run_config
+from twostage_jax import train
+from twostage_jax import workdir_lock
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'Config file; override values with --config.key=value.',
+    lock_config=True)
+flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics, reports and predictions.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict'],
+                  'train: train the stages of config.stage (or resume), then evaluate; '
+                  'evaluate: evaluate the checkpoints; predict: score config.predict_dir.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+ALL_CATEGORIES = 'all'
+# Problems with the user's files, config or workdir: their messages name them,
+# so they end the program with one line instead of a traceback.
+USER_ERRORS = (data.DatasetError, FileNotFoundError, checkpoints.DamagedCheckpointError,
+               run_config.ConfigMismatch, workdir_lock.WorkdirLocked, pipeline.WorkerDied)
+
+
+def run_category(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict | None:
+  """Runs `mode` for one category in `workdir`; returns its evaluation results."""
+  if mode == 'predict':
+    predict.predict(config, workdir)
+    return None
+  if mode == 'train':
+    data.check_test_split(config)  # before hours of training, not after
+    if jax.process_index() == 0:
+      run_config.save(config, workdir)
+    for stage in train.stages_to_train(config):
+      train.train(config, workdir, stage)
+  return evaluate.evaluate(config, workdir, inference.load_model(config, workdir))
+
+
+def categories_of(config: ml_collections.ConfigDict) -> list[str]:
+  """Every category under config.data_dir (the demo's when it is '')."""
+  if not config.data_dir:
+    return list(data.DEMO_CATEGORIES)
+  return data.list_categories(config.data_dir)
+
+
+def run_all_categories(config: ml_collections.ConfigDict, workdir: str, mode: str,
+                       overrides: dict | None = None) -> None:
+  """One model per category in `<workdir>/<category>`, then a summary with the mean.
+
+  Each category's run has its own saved config; `overrides` are the
+  explicit command-line values checked against it.
+  """
+  if mode == 'predict':
+    raise app.UsageError('--mode=predict uses one trained category; set --config.category '
+                         'and point --workdir at that category\'s run')
+  categories = categories_of(config)
+  logging.info('%s on %d categories: %s', mode, len(categories), ', '.join(categories))
+  results = []
+  for category in categories:
+    category_config = config.copy_and_resolve_references()
+    category_config.category = category
+    category_workdir = os.path.join(workdir, category)
+    category_overrides = {k: v for k, v in (overrides or {}).items() if k != 'category'}
+    category_config = _checked_run_config(category_config, category_overrides,
+                                          category_workdir)
+    with _lock(category_workdir):
+      results.append(run_category(category_config, category_workdir, mode))
+  if jax.process_index() == 0:
+    out_dir = os.path.join(workdir, 'eval')
+    atomic_write.write_json(os.path.join(out_dir, 'summary.json'), results)
+    figures = {f'{r["category"]}: test images': f'../{r["category"]}/eval/examples.png'
+               for r in results}
+    atomic_write.write_text(os.path.join(out_dir, 'report.md'),
+                            report.markdown_report(results, 'Evaluation: all categories', figures))
+  print(report.format_table(results), flush=True)
+
+
+def _checked_run_config(config: ml_collections.ConfigDict, overrides: dict,
+                        workdir: str) -> ml_collections.ConfigDict:
+  """The run's config in `workdir` (its saved one, if any) with `overrides`, validated."""
+  return _validated(run_config.resolve(config, overrides, workdir))
+
+
+def _validated(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config`, if valid; an invalid one is a user error listing every bad value."""
+  try:
+    config_validation.validate(config)
+  except ValueError as error:
+    raise run_config.ConfigMismatch(str(error)) from error
+  return config
+
+
+def _lock(workdir: str) -> workdir_lock.WorkdirLock:
+  """The workdir's lock, shared by the processes of this run (one id for all)."""
+  run_id = int(multihost_utils.broadcast_one_to_all(
+      np.int64(np.random.default_rng().integers(2 ** 62))))
+  return workdir_lock.WorkdirLock(workdir, run_id=f'{run_id:x}',
+                                  is_primary=jax.process_index() == 0)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad `--config.key=value` as one line, not a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as error:
+    raise SystemExit(f'error: {error}\nPass --helpfull to see help on flags.') from error
+  except (KeyError, AttributeError, TypeError, ValueError) as error:
+    message = error.args[0] if error.args else repr(error)
+    raise SystemExit(f'error: bad --config override: {message}') from error
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  # Orbax reports every file it writes at INFO level; keep the progress readable.
+  logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
+  overrides = run_config.explicit_overrides(FLAGS['config'])
+  try:
+    if FLAGS.config.category == ALL_CATEGORIES:
+      _validated(FLAGS.config)  # each category's run config is checked again
+      _start_devices(FLAGS.config)
+      run_all_categories(FLAGS.config, FLAGS.workdir, FLAGS.mode, overrides)
+      return
+    config = _checked_run_config(FLAGS.config, overrides, FLAGS.workdir)
+    if FLAGS.mode == 'predict' and not config.predict_dir:
+      raise app.UsageError('--mode=predict needs --config.predict_dir=<folder of images>')
+    _start_devices(config)
+    with _lock(FLAGS.workdir):
+      run_category(config, FLAGS.workdir, FLAGS.mode)
+  except USER_ERRORS as error:
+    raise SystemExit(f'error: {error}') from error
+
+
+def _start_devices(config: ml_collections.ConfigDict) -> None:
+  parallel.initialize_distributed(config.distributed)  # before any device use
+  logging.info('JAX %s on %d processes, %d devices (%s)', jax.__version__,
+               jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+
+
+def run() -> None:
+  """Parses the command line and runs main.py's job."""
+  app.run(main, argv=sys.argv, flags_parser=_parse_flags)

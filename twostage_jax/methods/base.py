@@ -1,0 +1,121 @@
+"""The interface through which a method plugs into the shared machinery.
+
+The training loop, inference, evaluation, calibration and config checks
+only talk to a `Method`; they never ask which one it is. A method is one
+module under `methods/` that subclasses `Method` and is listed in the
+registry (`methods/__init__.py`).
+"""
+
+import abc
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from twostage_jax import pipeline
+
+Variables = dict[str, Any]
+Batch = dict[str, jax.Array]
+# (prediction, batch) -> (scalar loss, metrics of this device's share).
+Objective = Callable[[jax.Array, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+# (variables of the frozen earlier stages, batch) -> the batch the stage trains on.
+StageBatchFn = Callable[[tuple[Variables, ...], Batch], Batch]
+# (variables of the trained stages in order, batch) -> {map name: (B, H, W)} for
+# one device's images; batch['image'] is float32 in [0, 1].
+MapsFn = Callable[[tuple[Variables, ...], Batch], dict[str, jax.Array]]
+# (config key, predicate on its value, what the value must be).
+Rule = tuple[str, Callable[[Any], bool], str]
+
+
+def config_value(config: ml_collections.ConfigDict, key: str) -> Any:
+  """The value of dotted `key` ('train.num_steps') in `config`."""
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  return value
+
+
+def rule_problems(config: ml_collections.ConfigDict, rules: tuple[Rule, ...]) -> list[str]:
+  """'config.key = value must be ...' for every rule `config` breaks."""
+  problems = []
+  for key, valid, expected in rules:
+    value = config_value(config, key)
+    if not valid(value):
+      problems.append(f'config.{key} = {value!r} must be {expected}')
+  return problems
+
+
+class Method(abc.ABC):
+  """A method: its networks, objectives, training samples, maps and config rules."""
+
+  name: str
+  stages: tuple[int, ...]  # every stage it trains, in training order
+  config_rules: tuple[Rule, ...] = ()  # checked by config_problems
+
+  def config_problems(self, config: ml_collections.ConfigDict) -> list[str]:
+    """Every method-specific config value that is invalid, as 'config.key = v must be ...'."""
+    return rule_problems(config, self.config_rules)
+
+  @abc.abstractmethod
+  def create_model(self, config: ml_collections.ConfigDict, stage: int) -> nn.Module:
+    """The network `stage` trains; float32 parameters whatever the compute dtype."""
+
+  @abc.abstractmethod
+  def objective(self, config: ml_collections.ConfigDict, stage: int) -> Objective:
+    """The loss of `stage` given the network's prediction and the batch."""
+
+  @abc.abstractmethod
+  def sampler_factory(self, config: ml_collections.ConfigDict, stage: int,
+                      images: np.ndarray) -> pipeline.SamplerFactory:
+    """A picklable factory of the host workers' sampler for `stage`.
+
+    `images` are the normal training images (held-out ones excluded). The
+    factory is unpickled in worker processes, so what it references must
+    not import JAX.
+    """
+
+  def frozen_stages(self, stage: int) -> tuple[int, ...]:
+    """Earlier stages whose trained variables `stage_batch` of `stage` reads."""
+    del stage
+    return ()
+
+  def stage_batch(self, config: ml_collections.ConfigDict, stage: int) -> StageBatchFn | None:
+    """Device-side turn of a host batch into `stage`'s batch; None: as it is."""
+    del config, stage
+    return None
+
+  @abc.abstractmethod
+  def map_names(self, trained: tuple[int, ...]) -> tuple[str, ...]:
+    """The names of the maps `maps_fn` gives for the trained stages, in report order."""
+
+  def final_map(self, trained: tuple[int, ...]) -> str:
+    """Name of the map decisions are made on: the last of `map_names`."""
+    return self.map_names(trained)[-1]
+
+  @abc.abstractmethod
+  def maps_fn(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]) -> MapsFn:
+    """The pure per-device anomaly maps of the trained stages (unsmoothed)."""
+
+  def host_inputs(self, config: ml_collections.ConfigDict, trained: tuple[int, ...],
+                  images: np.ndarray, batch_size: int, num_workers: int
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """Host-computed extra inputs of each inference batch of `images` ({} each: none)."""
+    del config, trained, num_workers
+    for _ in range(0, len(images), batch_size):
+      yield {}
+
+  def extra_results(self, config: ml_collections.ConfigDict, test_maps: np.ndarray,
+                    test: Any, held_out_maps: Callable[[], np.ndarray]) -> dict[str, Any]:
+    """Method-specific evaluation results beside the metric rows ({}: none).
+
+    Args:
+      config: the run's config.
+      test_maps: the final map of every test image.
+      test: the category's `data.TestSet`.
+      held_out_maps: computes the final map of the held-out normal images.
+    """
+    del config, test_maps, test, held_out_maps
+    return {}

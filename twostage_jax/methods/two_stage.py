@@ -1,0 +1,152 @@
+"""The two-stage coarse-to-fine model as a method.
+
+Stage 1 learns the pseudo-anomaly masks from the images; stage 2 is the same
+network and step, trained on stage 1's refined input (refine.py) with stage
+1 frozen. At inference the refinement keeps the SLIC superpixels stage 1
+flagged, stage 2 maps that masked image and the final map combines both.
+SLIC runs on the host, in worker processes.
+"""
+
+import functools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import flax.linen as nn
+import ml_collections
+import numpy as np
+
+from twostage_jax import data
+from twostage_jax import losses
+from twostage_jax import pipeline
+from twostage_jax import precision
+from twostage_jax import refine
+from twostage_jax import superpixel_pool
+from twostage_jax import synthesis
+from twostage_jax.methods import base
+from twostage_jax.models import SegmentationNet
+
+STAGE1, STAGE2, COMBINED = 'stage 1', 'stage 2', 'combined'
+
+
+def stage_loss(config: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
+  """The loss settings of `stage`.
+
+  Stage 1 uses `loss`; stage 2 uses `loss` with every key that
+  `stage2.loss` sets (not None) replaced.
+  """
+  if stage == 1:
+    return config.loss
+  merged = config.loss.copy_and_resolve_references()
+  for key, value in config.stage2.loss.items():
+    if value is not None:
+      merged[key] = value
+  return merged
+
+
+def _store_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """SAIM's SLIC settings and where stores live; all cores build a missing one."""
+  return {'n_segments': config.synthesis.saim_n_segments,
+          'compactness': config.synthesis.saim_compactness,
+          'sigma': config.synthesis.saim_sigma,
+          'cache_dir': data.default_cache_dir(config.cache_dir),
+          'num_processes': os.cpu_count() or 1}
+
+
+def anomaly_sources(config: ml_collections.ConfigDict) -> synthesis.SourceStore:
+  """The memory-mapped store of the anomaly sources and their SLIC labels.
+
+  Built on the first run on a machine and reused by later runs with the
+  same sources and settings.
+  """
+  return synthesis.build_source_store(config.anomaly_source_dir, config.image_size,
+                                      **_store_settings(config))
+
+
+class TwoStage(base.Method):
+  """Segmentation net, SSIM + L2 against pseudo-anomaly masks, SLIC refinement."""
+
+  name = 'two_stage'
+  stages = (1, 2)
+  config_rules = (
+      ('model.width', lambda v: v > 0, 'positive'),
+      ('refine.threshold_rule', lambda v: v in refine.THRESHOLD_RULES,
+       ' or '.join(map(repr, refine.THRESHOLD_RULES))),
+      ('refine.tasad_th_pix', lambda v: 0 < v <= 1, 'in (0, 1]'),
+      ('refine.tasad_th_val', lambda v: 0 <= v < 255, 'in [0, 255)'),
+      ('refine.median_size', lambda v: v > 0 and v % 2 == 1, 'a positive odd number'),
+      ('refine.n_segments', lambda v: v > 1, 'more than 1'),
+      ('refine.compactness', lambda v: v > 0, 'positive'),
+      ('refine.sigma', lambda v: v >= 0, '0 or more'),
+      ('refine.combine', lambda v: v in refine.COMBINE_RULES,
+       ' or '.join(map(repr, refine.COMBINE_RULES))),
+      ('stage2.num_steps', lambda v: v is None or v > 0, 'positive, or None (= train.num_steps)'),
+      ('stage2.loss.l2_weight', lambda v: v is None or v >= 0,
+       '0 or more, or None (= loss.l2_weight)'),
+      ('stage2.loss.ssim_weight', lambda v: v is None or v >= 0,
+       '0 or more, or None (= loss.ssim_weight)'),
+  )
+
+  def create_model(self, config: ml_collections.ConfigDict, stage: int) -> nn.Module:
+    del stage  # both stages use the same network
+    model = config.model
+    return SegmentationNet(width=model.width, bn_momentum=model.bn_momentum,
+                           bn_epsilon=model.bn_epsilon, dtype=precision.compute_dtype(config))
+
+  def objective(self, config: ml_collections.ConfigDict, stage: int) -> base.Objective:
+    loss_config = stage_loss(config, stage)
+    return lambda prediction, batch: losses.ssim_l2_loss(prediction, batch['mask'], loss_config)
+
+  def sampler_factory(self, config: ml_collections.ConfigDict, stage: int,
+                      images: np.ndarray) -> pipeline.SamplerFactory:
+    """Carries the source stores by their folders, so every worker maps the same files.
+
+    `images` become self sources when `synthesis.p_self_source` > 0.
+    """
+    self_sources = None
+    if config.synthesis.p_self_source > 0:
+      self_sources = synthesis.build_image_store(images, f'{config.category}-train',
+                                                 **_store_settings(config))
+    return functools.partial(synthesis.PseudoAnomalySampler, anomaly_sources(config), config,
+                             stage, self_sources)
+
+  def frozen_stages(self, stage: int) -> tuple[int, ...]:
+    return (1,) if stage == 2 else ()
+
+  def stage_batch(self, config: ml_collections.ConfigDict, stage: int
+                  ) -> base.StageBatchFn | None:
+    if stage != 2:
+      return None
+    stage1_apply = self.create_model(config, 1).apply
+    return lambda frozen, batch: refine.stage2_batch(stage1_apply, frozen[0], batch,
+                                                     config=config.refine)
+
+  def map_names(self, trained: tuple[int, ...]) -> tuple[str, ...]:
+    return (STAGE1, STAGE2, COMBINED) if 2 in trained else (STAGE1,)
+
+  def maps_fn(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]) -> base.MapsFn:
+    """Stage 1's map; with stage 2 also its map of the refined input and the combination."""
+    model = self.create_model(config, 1)
+    two_stages = 2 in trained
+
+    def maps(variables, batch):
+      images = batch['image']
+      out = {STAGE1: model.apply(variables[0], images, train=False)}
+      if two_stages:
+        selected = refine.region(out[STAGE1], batch['labels'], config.refine)
+        out[STAGE2] = model.apply(variables[1], refine.masked_input(images, selected),
+                                  train=False)
+        out[COMBINED] = refine.combine(out[STAGE1], out[STAGE2], config.refine.combine)
+      return out
+
+    return maps
+
+  def host_inputs(self, config: ml_collections.ConfigDict, trained: tuple[int, ...],
+                  images: np.ndarray, batch_size: int, num_workers: int
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """The SLIC labels the refinement needs, computed ahead in worker processes."""
+    if 2 not in trained:
+      yield from super().host_inputs(config, trained, images, batch_size, num_workers)
+      return
+    for labels in superpixel_pool.superpixel_batches(images, config, batch_size, num_workers):
+      yield {'labels': labels}

@@ -1,0 +1,57 @@
+"""Training progress: a log line per interval and a record in metrics.jsonl."""
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+from twostage_jax import prefetch
+from twostage_jax import schedules
+
+
+class Progress:
+  """Prints step, loss, images/s, data wait and ETA; appends them to metrics.jsonl.
+
+  The first step of a (re)started run includes compilation, so it reports
+  its duration instead of a throughput.
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, stage: int,
+               start_step: int):
+    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._stage = stage
+    self._num_steps = schedules.stage_steps(config, stage)
+    self._schedule = schedules.learning_rate_schedule(config.train, self._num_steps)
+    self._batch = config.train.global_batch_size
+    self._writes = jax.process_index() == 0
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def log(self, step: int, metrics: dict[str, jax.Array], clock: prefetch.DataWaitClock,
+          first: bool = False) -> None:
+    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    elapsed = now - self._last_time
+    steps_per_s = (step - self._last_step) / max(elapsed, 1e-9)
+    self._last_step, self._last_time = step, now
+    record.update(stage=self._stage, step=step, learning_rate=float(self._schedule(step - 1)),
+                  time=time.time())
+    terms = ', '.join(f'{k} {record[k]:.4f}' for k in sorted(metrics) if k != 'loss')
+    message = 'stage %d step %d/%d  loss %.4f  (%s)' % (
+        self._stage, step, self._num_steps, record['loss'], terms)
+    if first:
+      message += '  compiled and ran in %.1f s' % elapsed
+    else:
+      record['images_per_s'] = steps_per_s * self._batch
+      record['data_wait_fraction'] = clock.interval_fraction()
+      eta = (self._num_steps - step) / max(steps_per_s, 1e-9)
+      message += '  %.1f images/s  data wait %.1f%%  ETA %s' % (
+          record['images_per_s'], 100 * record['data_wait_fraction'],
+          time.strftime('%H:%M:%S', time.gmtime(eta)))
+    logging.info(message)
+    if self._writes:
+      with open(self._path, 'a') as f:
+        f.write(json.dumps(record) + '\n')

@@ -1,0 +1,20 @@
+"""How long each stage trains and its learning rate over those steps."""
+
+import ml_collections
+import optax
+
+
+def stage_steps(config: ml_collections.ConfigDict, stage: int) -> int:
+  """Training steps of `stage`: `stage2.num_steps` for stage 2 when set, else `train.num_steps`."""
+  stage2 = config.get('stage2')
+  if stage == 2 and stage2 is not None and stage2.num_steps is not None:
+    return stage2.num_steps
+  return config.train.num_steps
+
+
+def learning_rate_schedule(train_config: ml_collections.ConfigDict,
+                           num_steps: int) -> optax.Schedule:
+  """Constant rate, multiplied by `lr_decay_factor` at each decay fraction of `num_steps`."""
+  return optax.piecewise_constant_schedule(
+      train_config.learning_rate,
+      {int(f * num_steps): train_config.lr_decay_factor for f in train_config.lr_decay_fractions})

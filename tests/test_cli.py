@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+from PIL import Image
+
 from configs import demo
 from twostage_jax import run_config
 from twostage_jax import workdir_lock
@@ -52,3 +55,22 @@ def test_a_second_run_on_a_workdir_is_refused_naming_the_first(tmp_path):
     stderr = run_main(workdir, '--config.train.num_steps=1')
   assert f'pid {os.getpid()}' in stderr and 'first' in stderr and 'in use by another run' in stderr
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+
+
+def test_a_broken_test_split_stops_training_before_it_starts(tmp_path):
+  rng = np.random.default_rng(0)
+  category = tmp_path / 'data' / 'widget'
+  for folder, count in (('train/good', 6), ('test/good', 2), ('test/crack', 2)):
+    os.makedirs(category / folder)
+    for i in range(count):
+      Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(
+          category / folder / f'{i:03d}.png')
+  os.makedirs(category / 'ground_truth' / 'crack')
+  Image.fromarray(np.full((32, 32), 255, np.uint8)).save(
+      category / 'ground_truth' / 'crack' / '000_mask.png')  # 001 has none
+  workdir = tmp_path / 'run'
+  stderr = run_main(workdir, f'--config.data_dir={tmp_path / "data"}',
+                    '--config.category=widget', '--config.image_size=32',
+                    f'--config.cache_dir={tmp_path / "cache"}')
+  assert 'error: defective test image' in stderr and '001.png has no mask' in stderr
+  assert not os.path.exists(workdir / 'checkpoints')

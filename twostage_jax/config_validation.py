@@ -22,6 +22,7 @@ _RULES: tuple[base.Rule, ...] = (
     ('train.log_every', lambda v: v > 0, 'positive'),
     ('train.checkpoint_every', lambda v: v > 0, 'positive'),
     ('train.keep_checkpoints', lambda v: v > 0, 'positive'),
+    ('train.tensorboard_images', lambda v: v >= 0, '0 or more'),
     ('synthesis.p_anomaly', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
     ('synthesis.p_perlin', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
     ('synthesis.beta_max', lambda v: 0 <= v <= 1, 'in [0, 1]'),

@@ -1,4 +1,4 @@
-"""Training progress: a log line per interval and a record in metrics.jsonl."""
+"""Training progress: a log line per interval, a record in metrics.jsonl and TensorBoard."""
 
 import json
 import os
@@ -10,17 +10,19 @@ from absl import logging
 
 from twostage_jax import prefetch
 from twostage_jax import schedules
+from twostage_jax import summaries
 
 
 class Progress:
   """Prints step, loss, images/s, data wait and ETA; appends them to metrics.jsonl.
 
   The first step of a (re)started run includes compilation, so it reports
-  its duration instead of a throughput.
+  its duration instead of a throughput. `summary` gets the same numbers as
+  TensorBoard scalars.
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, stage: int,
-               start_step: int):
+               start_step: int, summary: summaries.Writer | None = None):
     self._path = os.path.join(workdir, 'metrics.jsonl')
     self._stage = stage
     self._num_steps = schedules.stage_steps(config, stage)
@@ -29,6 +31,7 @@ class Progress:
     self._writes = jax.process_index() == 0
     self._last_step = start_step
     self._last_time = time.perf_counter()
+    self._summary = summary
 
   def log(self, step: int, metrics: dict[str, jax.Array], clock: prefetch.DataWaitClock,
           first: bool = False) -> None:
@@ -55,3 +58,5 @@ class Progress:
     if self._writes:
       with open(self._path, 'a') as f:
         f.write(json.dumps(record) + '\n')
+    if self._summary is not None:
+      self._summary.scalars(step, record)

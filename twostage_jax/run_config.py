@@ -42,6 +42,8 @@ PER_RUN_KEYS = (
     'train.prefetch_batches',
     'train.device_prefetch',
     'train.keep_checkpoints',
+    'train.tensorboard',
+    'train.tensorboard_images',
     'eval.batch_size',
     'eval.num_examples',
     'eval.stage1_step',

@@ -23,6 +23,7 @@ from twostage_jax import precision
 from twostage_jax import prefetch
 from twostage_jax import progress
 from twostage_jax import schedules
+from twostage_jax import summaries
 from twostage_jax import synthesis
 from twostage_jax import train_state
 from twostage_jax import train_step
@@ -98,7 +99,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       functools.partial(train_step.train_step, objective=method.objective(config, stage)),
       mesh, xla_options.compiler_options(config))
   step_key = jax.random.fold_in(train_state.prng_key(config.seed + 1), stage)
-  log = progress.Progress(workdir, config, stage, start_step)
+  summary = summaries.Writer(workdir, config, stage, start_step, held_out, mesh)
+  log = progress.Progress(workdir, config, stage, start_step, summary)
 
   clock = prefetch.DataWaitClock()
   device_batches = prefetch.prefetch(
@@ -107,6 +109,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   for step, batch in enumerate(device_batches, start=start_step):
     if stage_batch is not None:
       batch = stage_batch(frozen, batch)
+    if step == 0:
+      summary.samples(batch)
     state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, step))
     # One step in flight: the time the next fetch blocks is device idle time.
     metrics = jax.block_until_ready(metrics)
@@ -117,8 +121,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       log.log(done, metrics, clock, first=step == start_step)
     if done % config.train.checkpoint_every == 0 or done == num_steps:
       checkpoints.save(done, state, config, provenance=provenance or None)
+      summary.checkpoint(done, frozen + (train_state.variables_of(state),))
   logging.info('stage %d: the training loop waited for data %.1f%% of its wall time',
                stage, 100 * clock.total_fraction())
+  summary.close()
   checkpoints.close()
   return state
 

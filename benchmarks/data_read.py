@@ -19,7 +19,6 @@ import argparse
 from importlib import metadata
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -28,12 +27,11 @@ import numpy as np
 import PIL
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import machine  # pylint: disable=g-import-not-at-top
-from configs import mvtec as mvtec_config  # pylint: disable=g-import-not-at-top
-from twostage_jax import data  # pylint: disable=g-import-not-at-top
-from twostage_jax.data import mvtec  # pylint: disable=g-import-not-at-top
+import machine
+from configs import mvtec as mvtec_config
+from twostage_jax import data
+from twostage_jax.data import mvtec
 
 
 def _resized_copy(data_dir: str, category: str, size: int, root: str) -> str:

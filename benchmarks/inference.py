@@ -11,8 +11,6 @@ alone; the full call overlaps them, so SLIC's share is SLIC alone over the
 full call.
 """
 
-import os
-import sys
 import time
 
 import jax
@@ -21,13 +19,12 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import machine  # pylint: disable=g-import-not-at-top
-from twostage_jax import inference  # pylint: disable=g-import-not-at-top
-from twostage_jax import parallel  # pylint: disable=g-import-not-at-top
-from twostage_jax import precision  # pylint: disable=g-import-not-at-top
-from twostage_jax import superpixel_pool  # pylint: disable=g-import-not-at-top
-from twostage_jax import train_state  # pylint: disable=g-import-not-at-top
+import machine
+from twostage_jax import inference
+from twostage_jax import parallel
+from twostage_jax import precision
+from twostage_jax import superpixel_pool
+from twostage_jax import train_state
 
 config_flags.DEFINE_config_file('config', 'configs/mvtec.py', 'Config file.')
 flags.DEFINE_integer('images', 64, 'Test images per timed call.')

@@ -18,19 +18,17 @@ as a pickled list would, makes the ratio about the number of workers.
 import argparse
 import functools
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import machine  # pylint: disable=g-import-not-at-top
+import machine
 
-from configs import mvtec  # pylint: disable=g-import-not-at-top
-from twostage_jax import data  # pylint: disable=g-import-not-at-top
-from twostage_jax import pipeline  # pylint: disable=g-import-not-at-top
-from twostage_jax import synthesis  # pylint: disable=g-import-not-at-top
+from configs import mvtec
+from twostage_jax import data
+from twostage_jax import pipeline
+from twostage_jax import synthesis
 
 _PAGE = 4096
 

@@ -22,7 +22,6 @@ far its map, loss and gradients are from the JAX model's.
 
 import functools
 import importlib.util
-import os
 import statistics
 import sys
 import time
@@ -37,13 +36,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import machine  # pylint: disable=g-import-not-at-top
+import machine
 
-from twostage_jax import methods  # pylint: disable=g-import-not-at-top
-from twostage_jax import parallel  # pylint: disable=g-import-not-at-top
-from twostage_jax import train_state  # pylint: disable=g-import-not-at-top
-from twostage_jax import train_step  # pylint: disable=g-import-not-at-top
+from twostage_jax import methods
+from twostage_jax import parallel
+from twostage_jax import train_state
+from twostage_jax import train_step
 
 config_flags.DEFINE_config_file('config', 'configs/mvtec.py', 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per round.')

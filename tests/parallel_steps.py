@@ -7,23 +7,21 @@ as a script by it for the multi-process case:
 """
 
 import functools
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # pylint: disable=g-import-not-at-top
-import ml_collections  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-import optax  # pylint: disable=g-import-not-at-top
+import jax
+import ml_collections
+import numpy as np
+import optax
 
-from configs import demo  # pylint: disable=g-import-not-at-top
-from twostage_jax import data  # pylint: disable=g-import-not-at-top
-from twostage_jax import methods  # pylint: disable=g-import-not-at-top
-from twostage_jax import parallel  # pylint: disable=g-import-not-at-top
-from twostage_jax import pipeline  # pylint: disable=g-import-not-at-top
-from twostage_jax import train_state  # pylint: disable=g-import-not-at-top
-from twostage_jax import train_step  # pylint: disable=g-import-not-at-top
+from configs import demo
+from twostage_jax import data
+from twostage_jax import methods
+from twostage_jax import parallel
+from twostage_jax import pipeline
+from twostage_jax import train_state
+from twostage_jax import train_step
 
 # SGD makes the update linear in the averaged gradient, so parameters after
 # the step compare at the precision of the gradient itself. (Adam divides

@@ -113,6 +113,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.refine.n_segments = 250  # SLIC of the input image
   config.refine.compactness = 8.0
   config.refine.sigma = 1.0
+  # Where the refinement's SLIC runs: 'host' (scikit-image, in worker
+  # processes) or 'device' (twostage_jax/superpixels.py, inside the compiled
+  # step and detector). The compiled detector and its export always use the
+  # device version.
+  config.refine.superpixels = 'host'
+  # Device SLIC: merge fragments as scikit-image's enforce_connectivity does
+  # (see superpixels.py for the rule used on the device).
+  config.refine.connectivity = True
   config.refine.combine = 'sum'  # final map; also 'mean', 'max', 'stage2'
 
   # Stage 2's objective. A None takes the value of `loss` (paper 001: L2 +
@@ -168,6 +176,11 @@ def get_config() -> ml_collections.ConfigDict:
   # and scores.csv go ('' = <workdir>/predictions).
   config.predict_dir = ''
   config.predict_output_dir = ''
+
+  # --mode=export: the platforms the exported detector is lowered for (any
+  # subset of 'cpu', 'cuda', 'rocm', 'tpu'); it runs on each of them.
+  config.export = ml_collections.ConfigDict()
+  config.export.platforms = ('cpu', 'cuda', 'tpu')
 
   # XLA compiler options for the CPU backend, e.g. {'xla_cpu_experimental_ynn_fusion_type':
   # 'LIBRARY_FUSION_TYPE_REDUCE'} (configs/mvtec_cpu.py); an option the

@@ -2,16 +2,14 @@
 
 import csv
 import os
-import types
 
 import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
-from twostage_jax import calibration
 from twostage_jax import data
-from twostage_jax import inference
+from twostage_jax import detector
 from twostage_jax import predict
 
 _SIZE = 16
@@ -35,26 +33,24 @@ def _config(predict_dir, output_dir=''):
   return config
 
 
+def _fake_detect(images):
+  maps = images.mean(axis=-1) / 255.0
+  return maps, maps.max(axis=(1, 2))
+
+
 def _fake_inference(monkeypatch):
-  """Inference without a model: the map is the image's mean channel value."""
-  model = types.SimpleNamespace(final_map='final')
-  monkeypatch.setattr(inference, 'load_model', lambda config, workdir: model)
-  monkeypatch.setattr(calibration, 'ensure_thresholds',
-                      lambda config, workdir, m: {'image': 0.5, 'pixel': 0.5})
-  monkeypatch.setattr(
-      inference, 'anomaly_maps',
-      lambda config, m, images: {'final': images.mean(axis=-1) / 255.0})
-  monkeypatch.setattr(
-      inference, 'image_scores',
-      lambda config, maps: {'final': maps['final'].max(axis=(1, 2))})
+  """A detector without a model: the map is the image's mean channel value."""
+  info = {'input_size': _SIZE, 'batch_size': 4, 'thresholds': {'image': 0.5, 'pixel': 0.5}}
+  monkeypatch.setattr(detector.Detector, 'from_run',
+                      classmethod(lambda cls, config, workdir: cls(_fake_detect, info)))
 
 
 def _refuse_inference(monkeypatch):
   """Makes loading the model fail the test: checks must come before it."""
-  def load_model(config, workdir):
+  def from_run(cls, config, workdir):
     raise AssertionError('the model was loaded before the folder check')
 
-  monkeypatch.setattr(inference, 'load_model', load_model)
+  monkeypatch.setattr(detector.Detector, 'from_run', classmethod(from_run))
 
 
 def test_predict_scores_readable_images_and_lists_the_unreadable(

@@ -9,6 +9,9 @@ import scipy.ndimage
 
 from configs import mvtec
 from twostage_jax import refine
+from twostage_jax import superpixels
+from twostage_jax.data import demo
+from twostage_jax.synthesis import superpixel
 
 
 def refine_config(**overrides):
@@ -155,3 +158,26 @@ def test_stage2_batch_uses_frozen_stage1_and_keeps_the_target():
   grad = jax.grad(lambda v: refine.stage2_batch(stage1_apply, v, batch, config)['image'].sum())(
       {'gain': 1.0})
   assert grad['gain'] == 0.0
+
+
+def test_device_and_host_superpixels_select_the_same_regions():
+  # Stage 1 flags a defect's pixels (the exact mask as its map); the region
+  # the refinement keeps is the union of the superpixels they touch.
+  config = refine_config(threshold_rule='absolute', threshold=0.5)
+  images, maps = [], []
+  for index, (category, defect) in enumerate([('weave', 'scratch'), ('weave', 'hole'),
+                                              ('weave', 'stain'), ('washer', 'missing'),
+                                              ('washer', 'foreign'), ('washer', 'scratch')]):
+    _, defective, mask = demo.render_defective(category, defect, np.random.default_rng(index),
+                                               128)
+    images.append(defective)
+    maps.append(mask.astype(np.float32))
+  images, maps = np.stack(images), np.stack(maps)
+  slic = (config.n_segments, config.compactness, config.sigma)
+  host = np.stack([superpixel.slic_labels(image, *slic) for image in images])
+  device = superpixels.slic_labels(jnp.asarray(images), *slic)
+  selected_host = np.asarray(refine.region(maps, host, config))
+  selected_device = np.asarray(refine.region(maps, device, config))
+  assert selected_host.any(axis=(1, 2)).all()
+  iou = [(h & d).sum() / (h | d).sum() for h, d in zip(selected_host, selected_device)]
+  assert np.mean(iou) >= 0.9, iou

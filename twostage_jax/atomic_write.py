@@ -15,13 +15,18 @@ from typing import Any
 
 def write_text(path: str, text: str) -> None:
   """Writes `text` to `path` atomically, creating its folder if needed."""
+  write_bytes(path, text.encode('utf-8'))
+
+
+def write_bytes(path: str, content: bytes) -> None:
+  """Writes `content` to `path` atomically, creating its folder if needed."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   # Opened like any new file, so its permissions follow the umask.
   temporary = f'{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp'
   try:
-    with open(temporary, 'x', encoding='utf-8') as f:
-      f.write(text)
+    with open(temporary, 'xb') as f:
+      f.write(content)
       f.flush()
       os.fsync(f.fileno())
     os.replace(temporary, path)

@@ -20,6 +20,7 @@ from twostage_jax import atomic_write
 from twostage_jax import checkpoints
 from twostage_jax import config_validation
 from twostage_jax import data
+from twostage_jax import detector
 from twostage_jax import evaluate
 from twostage_jax import inference
 from twostage_jax import parallel
@@ -35,9 +36,10 @@ config_flags.DEFINE_config_file(
     'config', None, 'Config file; override values with --config.key=value.',
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics, reports and predictions.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict'],
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'export'],
                   'train: train the stages of config.stage (or resume), then evaluate; '
-                  'evaluate: evaluate the checkpoints; predict: score config.predict_dir.')
+                  'evaluate: evaluate the checkpoints; predict: score config.predict_dir; '
+                  'export: write the compiled detector to <workdir>/export.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 ALL_CATEGORIES = 'all'
@@ -51,6 +53,9 @@ def run_category(config: ml_collections.ConfigDict, workdir: str, mode: str) -> 
   """Runs `mode` for one category in `workdir`; returns its evaluation results."""
   if mode == 'predict':
     predict.predict(config, workdir)
+    return None
+  if mode == 'export':
+    logging.info('exported the detector to %s', detector.export(config, workdir))
     return None
   if mode == 'train':
     data.check_test_split(config)  # before hours of training, not after
@@ -75,8 +80,8 @@ def run_all_categories(config: ml_collections.ConfigDict, workdir: str, mode: st
   Each category's run has its own saved config; `overrides` are the
   explicit command-line values checked against it.
   """
-  if mode == 'predict':
-    raise app.UsageError('--mode=predict uses one trained category; set --config.category '
+  if mode in ('predict', 'export'):
+    raise app.UsageError(f'--mode={mode} uses one trained category; set --config.category '
                          'and point --workdir at that category\'s run')
   categories = categories_of(config)
   logging.info('%s on %d categories: %s', mode, len(categories), ', '.join(categories))

@@ -9,6 +9,7 @@ Networks run on this process's devices, the images split over them.
 import dataclasses
 import functools
 import json
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -182,14 +183,19 @@ def anomaly_maps(config: ml_collections.ConfigDict, model: TrainedModel,
   return {k: np.concatenate([o[k] for o in outputs]) for k in names}
 
 
-def image_scores(config: ml_collections.ConfigDict, maps: dict[str, np.ndarray]
-                 ) -> dict[str, np.ndarray]:
-  """(N,) image scores of every map by `eval.score_rule`.
+def score_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
+  """Pure (B, H, W) maps -> (B,) image scores by `eval.score_rule`.
 
   'mean_filter_max': the max of the `eval.score_filter_size` mean-filtered
   map (the papers' rule); 'max': the map's maximum.
   """
   if config.eval.score_rule == 'max':
-    return {k: v.max(axis=(1, 2)) for k, v in maps.items()}
-  score = jax.jit(functools.partial(mean_filter_max, size=config.eval.score_filter_size))
+    return lambda maps: maps.max(axis=(1, 2))
+  return functools.partial(mean_filter_max, size=config.eval.score_filter_size)
+
+
+def image_scores(config: ml_collections.ConfigDict, maps: dict[str, np.ndarray]
+                 ) -> dict[str, np.ndarray]:
+  """(N,) image scores of every map by `eval.score_rule` (see score_fn)."""
+  score = jax.jit(score_fn(config))
   return {k: np.asarray(score(v)) for k, v in maps.items()}

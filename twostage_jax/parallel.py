@@ -82,10 +82,12 @@ def per_shard(fn: Callable[[Any, Any], Any], mesh: Mesh,
   """Runs `fn(replicated, batch) -> batched` on each device's share of the batch.
 
   For per-sample work with no communication between devices (inference,
-  stage 2's refinement): every device computes its own rows.
+  stage 2's refinement): every device computes its own rows. Nothing is
+  differentiated or reduced across devices, so varying-value tracking is off:
+  it would reject loops (device SLIC) whose carries start from constants.
   """
   mapped = jax.shard_map(
-      fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS))
+      fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS), check_vma=False)
   return jax.jit(mapped, compiler_options=compiler_options or None)
 
 

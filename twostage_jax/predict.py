@@ -1,7 +1,8 @@
 """Prediction on a folder of new images: heatmaps, masks and scores.csv.
 
-The model's final map decides, with the thresholds calibrated on held-out
-normal training images (calibration.py): an image is anomalous when its
+A thin user of the compiled detector (detector.py): the model's final map
+decides, with the thresholds calibrated on held-out normal training images
+(calibration.py): an image is anomalous when its
 score reaches the image threshold, a pixel when its map value reaches the
 pixel threshold. Outputs are written at each file's original size, so a
 user can lay a mask over the photo they supplied without knowing the
@@ -28,9 +29,8 @@ from absl import logging
 from PIL import Image
 
 from twostage_jax import atomic_write
-from twostage_jax import calibration
 from twostage_jax import data
-from twostage_jax import inference
+from twostage_jax import detector
 
 SCORES_FILE = 'scores.csv'
 # scores.csv decision of an image file that could not be decoded.
@@ -75,13 +75,6 @@ def _output_stems(paths: list[str]) -> list[str]:
     raise ValueError("input files would overwrite each other's outputs: "
                      f'{", ".join(clashes)}')
   return stems
-
-
-def _resize_map(anomaly_map: np.ndarray, height: int,
-                width: int) -> np.ndarray:
-  """Bilinear float resize, so thresholds mean the same at every size."""
-  image = Image.fromarray(np.asarray(anomaly_map, dtype=np.float32))
-  return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
 
 
 def _heatmap(image: np.ndarray, anomaly_map: np.ndarray,
@@ -143,7 +136,7 @@ def write_predictions(output_dir: str, paths: list[str],
   written = []
   for stem, (height, width), image, anomaly_map in zip(
       stems, original_sizes.tolist(), images, maps):
-    resized_map = _resize_map(anomaly_map, height, width)
+    resized_map = detector.resize_map(anomaly_map, height, width)
     resized_image = np.asarray(Image.fromarray(image).resize(
         (width, height), Image.Resampling.BILINEAR))
     heatmap_path = os.path.join(output_dir, f'{stem}_heatmap.png')
@@ -228,16 +221,14 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
   folder = data.load_image_folder(config.predict_dir, config.image_size)
   if jax.process_index() == 0:
     check_writable(output_dir)
-  model = inference.load_model(config, workdir)
-  thresholds = calibration.ensure_thresholds(config, workdir, model)
-  maps = inference.anomaly_maps(config, model, folder.images)
-  scores = inference.image_scores(config, maps)
-  final = model.final_map
+  model = detector.Detector.from_run(config, workdir)
+  maps, scores = model.detect(folder.images)
+  thresholds = model.info['thresholds']
   if jax.process_index() == 0:
     write_predictions(output_dir, folder.paths, folder.original_sizes, folder.images,
-                      maps[final], scores[final], thresholds['image'], thresholds['pixel'],
+                      maps, scores, thresholds['image'], thresholds['pixel'],
                       unreadable=list(folder.unreadable))
-  flagged = int((scores[final] >= thresholds['image']).sum())
+  flagged = int((scores >= thresholds['image']).sum())
   logging.info('predicted %d images (%d anomalous at image threshold %.4g, %d unreadable); '
                'wrote %s', len(folder.paths), flagged, thresholds['image'],
                len(folder.unreadable), output_dir)

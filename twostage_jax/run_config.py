@@ -34,8 +34,10 @@ CONFIG_NAME = 'config.json'
 CHECKPOINTS_NAME = 'checkpoints'
 
 # Settings an existing workdir's command may change: how a run logs, feeds
-# and compiles, which checkpoints it evaluates, how it scores and thresholds
-# and where it predicts. A key covers the keys below it.
+# and compiles, which checkpoints it evaluates, how it scores and thresholds,
+# where it predicts and what it exports for, and where the refinement's SLIC
+# runs (the same algorithm on host or device; superpixels.py). A key covers
+# the keys below it.
 PER_RUN_KEYS = (
     'train.log_every',
     'train.num_workers',
@@ -57,6 +59,8 @@ PER_RUN_KEYS = (
     'predict_output_dir',
     'distributed',
     'xla_cpu_options',
+    'refine.superpixels',
+    'export',
 )
 
 _MISSING = object()

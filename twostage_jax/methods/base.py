@@ -99,6 +99,15 @@ class Method(abc.ABC):
   def maps_fn(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]) -> MapsFn:
     """The pure per-device anomaly maps of the trained stages (unsmoothed)."""
 
+  def pure_config(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` changed, if need be, so that `maps_fn` needs no `host_inputs`.
+
+    The compiled detector and its export are one pure function of the
+    images; a method whose maps read host-computed inputs switches them to
+    their device versions here.
+    """
+    return config
+
   def host_inputs(self, config: ml_collections.ConfigDict, trained: tuple[int, ...],
                   images: np.ndarray, batch_size: int, num_workers: int
                   ) -> Iterator[dict[str, np.ndarray]]:

@@ -4,7 +4,8 @@ Stage 1 learns the pseudo-anomaly masks from the images; stage 2 is the same
 network and step, trained on stage 1's refined input (refine.py) with stage
 1 frozen. At inference the refinement keeps the SLIC superpixels stage 1
 flagged, stage 2 maps that masked image and the final map combines both.
-SLIC runs on the host, in worker processes.
+SLIC runs on the host in worker processes (`refine.superpixels='host'`), or
+on the device inside the compiled step and maps ('device').
 """
 
 import functools
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
+import jax
 import ml_collections
 import numpy as np
 
@@ -22,11 +24,25 @@ from twostage_jax import pipeline
 from twostage_jax import precision
 from twostage_jax import refine
 from twostage_jax import superpixel_pool
+from twostage_jax import superpixels
 from twostage_jax import synthesis
 from twostage_jax.methods import base
 from twostage_jax.models import SegmentationNet
 
 STAGE1, STAGE2, COMBINED = 'stage 1', 'stage 2', 'combined'
+SUPERPIXELS = ('host', 'device')  # where the refinement's SLIC runs
+
+
+def _on_device(config: ml_collections.ConfigDict) -> bool:
+  return config.refine.superpixels == 'device'
+
+
+def device_labels(images: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+  """int32 (B, H, W) SLIC labels of float (B, H, W, 3) images in [0, 1], on the device."""
+  refine_config = config.refine
+  return superpixels.slic_labels(images, refine_config.n_segments, refine_config.compactness,
+                                 refine_config.sigma,
+                                 enforce_connectivity=refine_config.connectivity)
 
 
 def stage_loss(config: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
@@ -78,6 +94,7 @@ class TwoStage(base.Method):
       ('refine.n_segments', lambda v: v > 1, 'more than 1'),
       ('refine.compactness', lambda v: v > 0, 'positive'),
       ('refine.sigma', lambda v: v >= 0, '0 or more'),
+      ('refine.superpixels', lambda v: v in SUPERPIXELS, ' or '.join(map(repr, SUPERPIXELS))),
       ('refine.combine', lambda v: v in refine.COMBINE_RULES,
        ' or '.join(map(repr, refine.COMBINE_RULES))),
       ('stage2.num_steps', lambda v: v is None or v > 0, 'positive, or None (= train.num_steps)'),
@@ -108,7 +125,7 @@ class TwoStage(base.Method):
       self_sources = synthesis.build_image_store(images, f'{config.category}-train',
                                                  **_store_settings(config))
     return functools.partial(synthesis.PseudoAnomalySampler, anomaly_sources(config), config,
-                             stage, self_sources)
+                             stage, self_sources, with_labels=stage == 2 and not _on_device(config))
 
   def frozen_stages(self, stage: int) -> tuple[int, ...]:
     return (1,) if stage == 2 else ()
@@ -118,8 +135,13 @@ class TwoStage(base.Method):
     if stage != 2:
       return None
     stage1_apply = self.create_model(config, 1).apply
-    return lambda frozen, batch: refine.stage2_batch(stage1_apply, frozen[0], batch,
-                                                     config=config.refine)
+
+    def to_stage2(frozen, batch):
+      if _on_device(config):
+        batch = {**batch, 'labels': device_labels(batch['image'], config)}
+      return refine.stage2_batch(stage1_apply, frozen[0], batch, config=config.refine)
+
+    return to_stage2
 
   def map_names(self, trained: tuple[int, ...]) -> tuple[str, ...]:
     return (STAGE1, STAGE2, COMBINED) if 2 in trained else (STAGE1,)
@@ -133,7 +155,8 @@ class TwoStage(base.Method):
       images = batch['image']
       out = {STAGE1: model.apply(variables[0], images, train=False)}
       if two_stages:
-        selected = refine.region(out[STAGE1], batch['labels'], config.refine)
+        labels = device_labels(images, config) if _on_device(config) else batch['labels']
+        selected = refine.region(out[STAGE1], labels, config.refine)
         out[STAGE2] = model.apply(variables[1], refine.masked_input(images, selected),
                                   train=False)
         out[COMBINED] = refine.combine(out[STAGE1], out[STAGE2], config.refine.combine)
@@ -141,11 +164,19 @@ class TwoStage(base.Method):
 
     return maps
 
+  def pure_config(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the refinement's SLIC on the device."""
+    if _on_device(config):
+      return config
+    config = config.copy_and_resolve_references()
+    config.refine.superpixels = 'device'
+    return config
+
   def host_inputs(self, config: ml_collections.ConfigDict, trained: tuple[int, ...],
                   images: np.ndarray, batch_size: int, num_workers: int
                   ) -> Iterator[dict[str, np.ndarray]]:
     """The SLIC labels the refinement needs, computed ahead in worker processes."""
-    if 2 not in trained:
+    if 2 not in trained or _on_device(config):
       yield from super().host_inputs(config, trained, images, batch_size, num_workers)
       return
     for labels in superpixel_pool.superpixel_batches(images, config, batch_size, num_workers):

@@ -34,7 +34,8 @@ class PseudoAnomalySampler:
   """Turns a normal image into {'image', 'mask'[, 'labels']} with a pseudo-anomaly."""
 
   def __init__(self, sources: source_store.SourceStore, config: ml_collections.ConfigDict,
-               stage: int, self_sources: source_store.SourceStore | None = None):
+               stage: int, self_sources: source_store.SourceStore | None = None,
+               with_labels: bool | None = None):
     """Builds the sampler.
 
     Args:
@@ -44,11 +45,15 @@ class PseudoAnomalySampler:
       stage: the stage trained; 2 adds the SLIC 'labels' of the image.
       self_sources: the category's normal training images with their SLIC
         labels, for synthesis.p_self_source > 0.
+      with_labels: whether to add 'labels'; None: in stage 2. False when the
+        refinement computes them on the device.
     """
     self._augment = augment_settings(config)
     self._synthesize = pseudo_anomaly.PseudoAnomalySynthesizer(
         sources, config.synthesis, distortion.PatchDistorter(config.distortion), self_sources)
-    self._refine = config.refine if stage == 2 else None
+    if with_labels is None:
+      with_labels = stage == 2
+    self._refine = config.refine if with_labels else None
 
   def __call__(self, image: np.ndarray, rng: np.random.Generator
                ) -> dict[str, np.ndarray]:

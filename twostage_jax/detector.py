@@ -1,0 +1,235 @@
+"""The trained detector as one pure function, its export, and the Python API.
+
+`detector_fn` is `uint8 images [B, S, S, 3] -> (final maps [B, S, S], image
+scores [B])`: preprocessing, the method's networks and device-side steps
+(the two-stage refinement with SLIC on the device), smoothing and the score
+rule, with the trained variables inside. `export` writes it with
+`jax.export` (StableHLO, batch dimension symbolic) and a JSON of what a
+caller needs; loading that needs JAX alone. `Detector` serves both a workdir
+and an export to users' own code:
+
+    from twostage_jax import Detector
+    detector = Detector.load('runs/bottle')   # a workdir, or an export folder
+    result = detector.predict(images)          # any sizes
+"""
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from twostage_jax import atomic_write
+from twostage_jax import calibration
+from twostage_jax import inference
+from twostage_jax import methods
+from twostage_jax import run_config
+
+EXPORT_DIR = 'export'
+EXPORT_FILE = 'detector.jax'
+INFO_FILE = 'detector.json'
+# Images per call: a fixed size, so the batch-polymorphic export compiles once.
+_BATCH_SIZE_KEY = 'batch_size'
+
+DetectFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def detector_fn(config: ml_collections.ConfigDict, model: inference.TrainedModel) -> DetectFn:
+  """The pure `uint8 images -> (final maps, image scores)` of a trained model.
+
+  Everything the method computes on the host for evaluation (the two-stage
+  model's SLIC labels) runs on the device here (`Method.pure_config`).
+  """
+  config = methods.get(config.method).pure_config(config)
+  maps = inference.maps_fn(config, model.trained)
+  score = inference.score_fn(config)
+  final = model.final_map
+  variables = model.variables
+
+  def detect(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    final_maps = maps(variables, {'image': images})[final]
+    return final_maps, score(final_maps)
+
+  return detect
+
+
+def _package_version() -> str:
+  try:
+    return importlib.metadata.version('twostage-jax')
+  except importlib.metadata.PackageNotFoundError:
+    return 'unknown (not installed)'
+
+
+def export(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes the workdir's detector to `<workdir>/export/`; returns that folder.
+
+  `detector.jax` is the serialized `jax.export.Exported` (lowered for
+  `export.platforms`, any batch size); `detector.json` holds the input size,
+  method, map name, thresholds and their quantiles, checkpoint steps and the
+  package version.
+  """
+  model = inference.load_model(config, workdir)
+  thresholds = calibration.ensure_thresholds(config, workdir, model)
+  size = config.image_size
+  batch, = jax.export.symbolic_shape('batch')
+  exported = jax.export.export(jax.jit(detector_fn(config, model)),
+                               platforms=tuple(config.export.platforms))(
+                                   jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8))
+  info = {
+      'input_size': size,
+      'method': config.method,
+      'map': model.final_map,
+      'thresholds': {'image': thresholds['image'], 'pixel': thresholds['pixel'],
+                     'image_quantile': config.calibration.image_quantile,
+                     'pixel_quantile': config.calibration.pixel_quantile},
+      'steps': model.steps,
+      'score_rule': config.eval.score_rule,
+      'platforms': list(exported.platforms),
+      _BATCH_SIZE_KEY: config.eval.batch_size,
+      'version': _package_version(),
+  }
+  folder = os.path.join(workdir, EXPORT_DIR)
+  if jax.process_index() == 0:
+    atomic_write.write_bytes(os.path.join(folder, EXPORT_FILE), bytes(exported.serialize()))
+    atomic_write.write_json(os.path.join(folder, INFO_FILE), info)
+  return folder
+
+
+def to_model_input(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 (size, size, 3) of an (H, W), (H, W, 1|3|4) image, uint8 or float in [0, 1].
+
+  Grey becomes RGB and alpha is dropped; resizing is PIL bilinear, as for
+  files (data.read_rgb).
+  """
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise ValueError(f'an image must be (H, W) or (H, W, 1|3|4), got shape {image.shape}')
+  if image.dtype != np.uint8:
+    image = np.rint(np.clip(image.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+  image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+  if image.shape[:2] != (size, size):
+    image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+  return image
+
+
+def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bilinear float resize, so thresholds mean the same at every size."""
+  image = Image.fromarray(np.asarray(anomaly_map, dtype=np.float32))
+  return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """The detector's answer for N images, each at the size it was given.
+
+  Attributes:
+    maps: float32 (H_i, W_i) anomaly map of each image.
+    scores: (N,) image scores.
+    anomalous: (N,) bool, scores >= the image threshold.
+    masks: bool (H_i, W_i) of each image, map >= the pixel threshold.
+  """
+  maps: list[np.ndarray]
+  scores: np.ndarray
+  anomalous: np.ndarray
+  masks: list[np.ndarray]
+
+
+class Detector:
+  """A trained detector: maps, scores and decisions for images of any size."""
+
+  def __init__(self, detect: DetectFn, info: dict[str, Any]):
+    """Use `Detector.load`. `info` is the export's JSON (input size, thresholds, ...)."""
+    self._detect = detect
+    self.info = info
+
+  @classmethod
+  def load(cls, path: str) -> 'Detector':
+    """The detector of a workdir, or of an export folder (or its detector.jax).
+
+    An export needs JAX alone; a workdir uses its saved config, its
+    checkpoints (stage 2 with the stage 1 it was trained on) and its
+    decision thresholds, computing them if missing.
+
+    Raises:
+      FileNotFoundError: naming `path`, if it is neither.
+    """
+    if os.path.isfile(path):
+      path = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(os.path.join(path, EXPORT_FILE)):
+      return cls._from_export(path)
+    saved = run_config.saved_config(path)
+    if saved is None:
+      raise FileNotFoundError(
+          f'{path} is neither a trained workdir (no config.json or checkpoints) nor an '
+          f'export folder (no {EXPORT_FILE})')
+    return cls.from_run(ml_collections.ConfigDict(saved[0]), path)
+
+  @classmethod
+  def from_run(cls, config: ml_collections.ConfigDict, workdir: str) -> 'Detector':
+    """The detector of `workdir`'s checkpoints under `config` (the run's, with any allowed overrides).
+
+    Its thresholds are calibrated on the maps it computes, with the method's
+    device-side steps (`Method.pure_config`).
+    """
+    config = methods.get(config.method).pure_config(config)
+    model = inference.load_model(config, workdir)
+    thresholds = calibration.ensure_thresholds(config, workdir, model)
+    info = {
+        'input_size': config.image_size, 'method': config.method, 'map': model.final_map,
+        'thresholds': {'image': thresholds['image'], 'pixel': thresholds['pixel']},
+        'steps': model.steps, _BATCH_SIZE_KEY: config.eval.batch_size,
+    }
+    return cls(jax.jit(detector_fn(config, model)), info)
+
+  @classmethod
+  def _from_export(cls, folder: str) -> 'Detector':
+    with open(os.path.join(folder, EXPORT_FILE), 'rb') as f:
+      exported = jax.export.deserialize(bytearray(f.read()))
+    with open(os.path.join(folder, INFO_FILE), encoding='utf-8') as f:
+      info = json.load(f)
+    return cls(exported.call, info)
+
+  def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 maps (N, S, S) and scores (N,) of uint8 images (N, S, S, 3) at the input size.
+
+    Calls see a fixed batch size (the last batch padded), so the function
+    compiles once.
+    """
+    size = self.info['input_size']
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
+      raise ValueError(f'images must be uint8 (N, {size}, {size}, 3), got '
+                       f'{images.dtype} {images.shape}')
+    batch = self.info[_BATCH_SIZE_KEY]
+    maps, scores = [], []
+    for start in range(0, len(images), batch):
+      chunk = images[start:start + batch]
+      padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:],
+                                               np.uint8)])
+      chunk_maps, chunk_scores = self._detect(padded)
+      maps.append(np.asarray(chunk_maps)[:len(chunk)])
+      scores.append(np.asarray(chunk_scores)[:len(chunk)])
+    return np.concatenate(maps), np.concatenate(scores)
+
+  def predict(self, images: Sequence[np.ndarray] | np.ndarray) -> Prediction:
+    """Maps at each image's own size, scores and decisions at the stored thresholds.
+
+    Args:
+      images: (H, W) or (H, W, 1|3|4) arrays of any sizes, uint8 or float in
+        [0, 1]; or one (N, H, W[, C]) array.
+    """
+    images = list(images)
+    size = self.info['input_size']
+    maps, scores = self.detect(np.stack([to_model_input(image, size) for image in images]))
+    thresholds = self.info['thresholds']
+    sized = [resize_map(m, *np.asarray(image).shape[:2]) for m, image in zip(maps, images)]
+    return Prediction(maps=sized, scores=scores, anomalous=scores >= thresholds['image'],
+                      masks=[m >= thresholds['pixel'] for m in sized])

@@ -11,7 +11,6 @@ from scipy import ndimage
 from configs import mvtec
 from twostage_jax import synthesis
 from twostage_jax.synthesis import augment
-from twostage_jax.synthesis import superpixel
 
 SIZE = 64
 

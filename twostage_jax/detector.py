@@ -73,8 +73,10 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   `detector.jax` is the serialized `jax.export.Exported` (lowered for
   `export.platforms`, any batch size); `detector.json` holds the input size,
   method, map name, thresholds and their quantiles, checkpoint steps and the
-  package version.
+  package version. The thresholds are calibrated on the maps it computes,
+  with the method's device-side steps (`Method.pure_config`).
   """
+  config = methods.get(config.method).pure_config(config)
   model = inference.load_model(config, workdir)
   thresholds = calibration.ensure_thresholds(config, workdir, model)
   size = config.image_size

@@ -78,12 +78,14 @@ def test_loading_the_export_needs_only_jax(trained, tmp_path):
   folder = detector.export(config, workdir)
   batch = images(3, seed=7)
   np.save(tmp_path / 'batch.npy', batch)
+  export_file = os.path.join(folder, detector.EXPORT_FILE)
+  others = ('twostage_jax', 'flax', 'orbax', 'ml_collections', 'optax')
   script = (
       'import sys, numpy as np, jax\n'
-      f'exported = jax.export.deserialize(bytearray(open({os.path.join(folder, detector.EXPORT_FILE)!r}, "rb").read()))\n'
-      f'maps, scores = exported.call(np.load({str(tmp_path / "batch.npy")!r}))\n'
-      f'np.save({str(tmp_path / "maps.npy")!r}, np.asarray(maps))\n'
-      'print(sorted(m for m in ("twostage_jax", "flax", "orbax", "ml_collections", "optax") if m in sys.modules))\n')
+      f'exported = jax.export.deserialize(bytearray(open({export_file!r}, "rb").read()))\n'
+      'maps, scores = exported.call(np.load("batch.npy"))\n'
+      'np.save("maps.npy", np.asarray(maps))\n'
+      f'print(sorted(m for m in {others!r} if m in sys.modules))\n')
   result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert result.returncode == 0, result.stderr[-2000:]

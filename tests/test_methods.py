@@ -100,7 +100,8 @@ class _SquareFinder(base.Method):
 
 
 def test_a_new_method_plugs_in_by_registering_it(monkeypatch, tmp_path):
-  monkeypatch.setitem(methods._REGISTRY, 'square_finder', _SquareFinder())  # pylint: disable=protected-access
+  registry = methods._REGISTRY  # pylint: disable=protected-access
+  monkeypatch.setitem(registry, 'square_finder', _SquareFinder())
   config = demo.get_config()
   config.update_from_flattened_dict({
       'method': 'square_finder', 'cache_dir': str(tmp_path / 'cache'), 'image_size': 32,

@@ -129,8 +129,8 @@ def test_pooled_stage2_batches_keep_every_array_and_dtype(images):
 
 @pytest.mark.skipif(not os.path.isdir('/dev/shm'), reason='needs /dev/shm to list segments')
 def test_leaving_the_pool_early_frees_its_shared_memory(images):
-  def segments():  # SharedMemory names its POSIX segments psm_*
-    return {name for name in os.listdir('/dev/shm') if name.startswith('psm_')}
+  def segments():  # this process's segments (other programs may use shared memory)
+    return {name for name in os.listdir('/dev/shm') if name.startswith(pipeline.segment_prefix())}
 
   before = segments()
   stream = pipeline.batches(images, make_sampler(32), plan(), 0, 50, num_workers=1, prefetch=2)

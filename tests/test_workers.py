@@ -90,7 +90,8 @@ def cleans_up():
 def shared_segments() -> set[str]:
   if not os.path.isdir('/dev/shm'):
     return set()
-  return {name for name in os.listdir('/dev/shm') if name.startswith('psm_')}
+  prefix = pipeline.segment_prefix()
+  return {name for name in os.listdir('/dev/shm') if name.startswith(prefix)}
 
 
 @pytest.fixture(scope='module')

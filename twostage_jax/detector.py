@@ -177,7 +177,7 @@ class Detector:
 
   @classmethod
   def from_run(cls, config: ml_collections.ConfigDict, workdir: str) -> 'Detector':
-    """The detector of `workdir`'s checkpoints under `config` (the run's, with any allowed overrides).
+    """The detector of `workdir`'s checkpoints under `config` (the run's, with overrides).
 
     Its thresholds are calibrated on the maps it computes, with the method's
     device-side steps (`Method.pure_config`).

@@ -22,9 +22,11 @@ import dataclasses
 import functools
 import itertools
 import multiprocessing
+import os
 import pickle
 import signal
 import traceback
+import uuid
 from multiprocessing import connection
 from multiprocessing import shared_memory
 from typing import Any, Callable, Iterator
@@ -273,6 +275,22 @@ class WorkerPool:
     self.close()
 
 
+def segment_prefix(pid: int | None = None) -> str:
+  """The name prefix of the shared-memory segments process `pid` (default: this one) creates.
+
+  Named after the process, so a leaked segment says whose it is and tests
+  can check their own segments on a machine where other programs use
+  shared memory too.
+  """
+  return f'twostage_{os.getpid() if pid is None else pid}_'
+
+
+def new_shared_memory(size: int) -> shared_memory.SharedMemory:
+  """A new shared-memory segment of `size` bytes named `segment_prefix()` + a random part."""
+  return shared_memory.SharedMemory(name=segment_prefix() + uuid.uuid4().hex[:16],
+                                    create=True, size=size)
+
+
 # Layout of a batch written into a shared-memory slot: (name, shape, dtype, offset).
 _Layout = list[tuple[str, tuple[int, ...], str, int]]
 
@@ -329,8 +347,7 @@ class _SharedSlots:
     if self._all:
       return
     size = sum(array.nbytes for array in batch.values())
-    self._all = [shared_memory.SharedMemory(create=True, size=size)
-                 for _ in range(self._count)]
+    self._all = [new_shared_memory(size) for _ in range(self._count)]
     self._free = [slot.name for slot in self._all]
 
   def read(self, slot_name: str, layout: _Layout) -> dict[str, np.ndarray]:

@@ -64,7 +64,7 @@ def superpixel_batches(images: np.ndarray, config: ml_collections.ConfigDict,
     return
   chunk = max(1, min(4, batch_size // num_workers))
   spans = ((start, min(start + chunk, len(images))) for start in range(0, len(images), chunk))
-  shared = shared_memory.SharedMemory(create=True, size=images.nbytes)
+  shared = pipeline.new_shared_memory(images.nbytes)
   try:
     np.ndarray(images.shape, images.dtype, buffer=shared.buf)[...] = images
     with pipeline.WorkerPool(num_workers, _labeller,

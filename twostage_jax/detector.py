@@ -14,6 +14,7 @@ and an export to users' own code:
 """
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import os
@@ -41,8 +42,9 @@ _BATCH_SIZE_KEY = 'batch_size'
 DetectFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def detector_fn(config: ml_collections.ConfigDict, model: inference.TrainedModel) -> DetectFn:
-  """The pure `uint8 images -> (final maps, image scores)` of a trained model.
+def _detector_of_variables(config: ml_collections.ConfigDict, model: inference.TrainedModel
+                           ) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
+  """Pure `(variables, uint8 images) -> (final maps, image scores)` of `model`'s stages.
 
   Everything the method computes on the host for evaluation (the two-stage
   model's SLIC labels) runs on the device here (`Method.pure_config`).
@@ -51,13 +53,21 @@ def detector_fn(config: ml_collections.ConfigDict, model: inference.TrainedModel
   maps = inference.maps_fn(config, model.trained)
   score = inference.score_fn(config)
   final = model.final_map
-  variables = model.variables
 
-  def detect(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def detect(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     final_maps = maps(variables, {'image': images})[final]
     return final_maps, score(final_maps)
 
   return detect
+
+
+def detector_fn(config: ml_collections.ConfigDict, model: inference.TrainedModel) -> DetectFn:
+  """The pure `uint8 images -> (final maps, image scores)` of a trained model.
+
+  The trained variables are inside it, as constants, which is what an
+  export holds.
+  """
+  return functools.partial(_detector_of_variables(config, model), model.variables)
 
 
 def _package_version() -> str:
@@ -168,12 +178,12 @@ class Detector:
       path = os.path.dirname(os.path.abspath(path))
     if os.path.isfile(os.path.join(path, EXPORT_FILE)):
       return cls._from_export(path)
-    saved = run_config.saved_config(path)
-    if saved is None:
+    config = run_config.load(path)
+    if config is None:
       raise FileNotFoundError(
           f'{path} is neither a trained workdir (no config.json or checkpoints) nor an '
           f'export folder (no {EXPORT_FILE})')
-    return cls.from_run(ml_collections.ConfigDict(saved[0]), path)
+    return cls.from_run(config, path)
 
   @classmethod
   def from_run(cls, config: ml_collections.ConfigDict, workdir: str) -> 'Detector':
@@ -190,7 +200,9 @@ class Detector:
         'thresholds': {'image': thresholds['image'], 'pixel': thresholds['pixel']},
         'steps': model.steps, _BATCH_SIZE_KEY: config.eval.batch_size,
     }
-    return cls(jax.jit(detector_fn(config, model)), info)
+    # The variables are arguments here, not constants compiled into the program.
+    detect = jax.jit(_detector_of_variables(config, model))
+    return cls(functools.partial(detect, jax.device_put(model.variables)), info)
 
   @classmethod
   def _from_export(cls, folder: str) -> 'Detector':

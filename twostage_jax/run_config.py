@@ -80,9 +80,14 @@ def explicit_overrides(config_flag: Any) -> dict[str, Any]:
   return dict(config_flags.get_override_values(config_flag))
 
 
+def _covered(key: str, prefixes: Any) -> bool:
+  """Whether dotted `key` is one of `prefixes` or lies below one of them."""
+  return any(key == k or key.startswith(k + '.') for k in prefixes)
+
+
 def is_per_run(key: str) -> bool:
   """Whether `key` may differ from the saved config (see PER_RUN_KEYS)."""
-  return any(key == k or key.startswith(k + '.') for k in PER_RUN_KEYS)
+  return _covered(key, PER_RUN_KEYS)
 
 
 def _plain(value: Any) -> Any:
@@ -247,13 +252,23 @@ def resolve(file_config: ml_collections.ConfigDict, overrides: dict[str, Any],
         f'on a trained workdir: {", ".join(PER_RUN_KEYS)}.')
   differing = sorted(
       key for key, value in _leaves(_plain(file_config)).items()
-      if _get(run, key) not in (_MISSING, value)
-      and not any(key == k or key.startswith(k + '.') for k in overrides))
+      if _get(run, key) not in (_MISSING, value) and not _covered(key, overrides))
   logging.info('workdir %s: using the config it was trained with (%s)%s', workdir, source,
                f'; the config file\'s {", ".join(differing)} are not used' if differing else '')
-  config = ml_collections.ConfigDict(_tuples(run))
+  return _locked(run)
+
+
+def _locked(tree: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A locked ConfigDict of a JSON config, sequences as tuples as in the config files."""
+  config = ml_collections.ConfigDict(_tuples(tree))
   config.lock()
   return config
+
+
+def load(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config `workdir` was trained with (see saved_config); None for a new workdir."""
+  saved = saved_config(workdir)
+  return None if saved is None else _locked(saved[0])
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 import machine
 from twostage_jax import inference
+from twostage_jax import methods
 from twostage_jax import parallel
 from twostage_jax import precision
 from twostage_jax import superpixel_pool
@@ -41,7 +42,8 @@ def main(_):
           train_state.create_train_state(config, train_state.prng_key(seed)),
           parallel.replicated(mesh))))
       for seed in (0, 1)]
-  model = inference.TrainedModel(config.method, tuple(variables), (1, 1))
+  model = inference.TrainedModel(config.method, tuple(variables), (1, 1),
+                                 methods.get(config.method).final_map(config, (1, 2)))
   batch_size = config.eval.batch_size
 
   start = time.perf_counter()
@@ -53,7 +55,7 @@ def main(_):
       images, config, batch_size, config.train.num_workers)))
   slic_s = time.perf_counter() - start
 
-  infer = parallel.per_shard(inference.maps_fn(config, model.trained), mesh)
+  infer = parallel.per_shard(inference.maps_and_scores_fn(config, model.trained), mesh)
   device_variables = jax.device_put(model.variables, parallel.replicated(mesh))
   batches = [jax.device_put({'image': images[i:i + batch_size], 'labels': labels[i:i + batch_size]},
                             parallel.batch_sharded(mesh))

@@ -39,6 +39,32 @@ def small_config(cache_dir: str) -> ml_collections.ConfigDict:
   return config
 
 
+def keyed(variables) -> dict[str, np.ndarray]:
+  """Every leaf of a variables tree by its path."""
+  return {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_leaves_with_path(variables)}
+
+
+def assert_same_change(start: dict, a: dict, b: dict, num_steps: int) -> None:
+  """Keyed variables a and b changed `start` alike, elementwise.
+
+  Changes are compared elementwise to 1e-5 relative to the largest change in
+  their array: a gradient element is a sum over every pixel of the batch, so
+  one that nearly cancels carries the rounding of the large terms, which no
+  elementwise relative tolerance bounds.
+  """
+  assert a.keys() == b.keys() == start.keys()
+  for name in a:
+    change_a, change_b = a[name] - start[name], b[name] - start[name]
+    # Plus one unit in the last place of the stored value: parameters are
+    # float32, so their change is only known to that precision.
+    # The rounding of each step's gradient adds up over the steps.
+    bound = (1e-5 * np.abs(change_b) + 1e-5 * num_steps * np.abs(change_b).max()
+             + np.spacing(np.abs(b[name])))
+    worst = np.abs(change_a - change_b) / bound
+    assert worst.max() <= 1.0, f'{name}: off by {worst.max():.2f}x the tolerance'
+
+
 def initial_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation | None):
   state = train_state.create_train_state(config, train_state.prng_key(0))
   if tx is not None:

@@ -90,7 +90,7 @@ class _SquareFinder(base.Method):
   def sampler_factory(self, config, stage, images):
     return _make_sampler
 
-  def map_names(self, trained):
+  def map_names(self, config, trained):
     return ('squares',)
 
   def maps_fn(self, config, trained):

@@ -28,32 +28,15 @@ def config(tmp_path_factory):
   return parallel_steps.small_config(str(tmp_path_factory.mktemp('cache')))
 
 
-def keyed(variables):
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_leaves_with_path(variables)}
+keyed = parallel_steps.keyed
 
 
 def assert_same_step(config, a, b, num_steps):
-  """(keyed variables, losses) pairs a and b: same losses, and the same change of every parameter and statistic.
-
-  Changes are compared elementwise to 1e-5 relative to the largest change in
-  their array: a gradient element is a sum over every pixel of the batch, so
-  one that nearly cancels carries the rounding of the large terms, which no
-  elementwise relative tolerance bounds.
-  """
+  """(keyed variables, losses) pairs a and b: same losses, and the same change of every parameter and statistic."""
   (leaves_a, losses_a), (leaves_b, losses_b) = a, b
   np.testing.assert_allclose(losses_a, losses_b, rtol=1e-5)
-  start = keyed(initial_variables(config))
-  assert leaves_a.keys() == leaves_b.keys() == start.keys()
-  for name in leaves_a:
-    change_a, change_b = leaves_a[name] - start[name], leaves_b[name] - start[name]
-    # Plus one unit in the last place of the stored value: parameters are
-    # float32, so their change is only known to that precision.
-    # The rounding of each step's gradient adds up over the steps.
-    bound = (1e-5 * np.abs(change_b) + 1e-5 * num_steps * np.abs(change_b).max()
-             + np.spacing(np.abs(leaves_b[name])))
-    worst = np.abs(change_a - change_b) / bound
-    assert worst.max() <= 1.0, f'{name}: off by {worst.max():.2f}x the tolerance'
+  parallel_steps.assert_same_change(keyed(initial_variables(config)), leaves_a, leaves_b,
+                                    num_steps)
 
 
 def initial_variables(config):

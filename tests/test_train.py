@@ -181,7 +181,7 @@ def test_train_then_evaluate_from_the_checkpoint(cache_dir, tmp_path):
   assert os.listdir(tmp_path / 'checkpoints' / 'stage1') == ['4']  # keeps 1
 
   model = inference.TrainedModel(
-      'two_stage', (jax.device_get(train_state.variables_of(state)),), (4,))
+      'two_stage', (jax.device_get(train_state.variables_of(state)),), (4,), 'stage 1')
   after_training = evaluate.evaluate(config, str(tmp_path), model)
   from_checkpoint = evaluate.evaluate(config, str(tmp_path))
   assert from_checkpoint == after_training

@@ -26,6 +26,7 @@ from absl import logging
 from twostage_jax import atomic_write
 from twostage_jax import data
 from twostage_jax import inference
+from twostage_jax import methods
 
 
 def thresholds_path(workdir: str) -> str:
@@ -44,8 +45,7 @@ def compute_thresholds(config: ml_collections.ConfigDict,
         'decision thresholds need held-out normal images, but '
         'config.calibration.holdout_fraction is 0; retrain with a fraction > 0')
   _, held_out = data.training_images(config)
-  maps = inference.anomaly_maps(config, model, held_out)
-  scores = inference.image_scores(config, maps)
+  maps, scores = inference.maps_and_scores(config, model, held_out)
   final = model.final_map
   return {
       'image': float(np.quantile(scores[final], config.calibration.image_quantile)),
@@ -70,7 +70,8 @@ def _computed_for(config: ml_collections.ConfigDict,
       'map_sigma': config.eval.map_sigma,
       'score_rule': config.eval.score_rule,
       'score_filter_size': config.eval.score_filter_size,
-      'refine': config.refine.to_dict() if 'refine' in config else None,
+      **{section: config[section].to_dict()
+         for section in methods.get(config.method).inference_sections},
   }
 
 

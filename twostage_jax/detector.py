@@ -2,9 +2,9 @@
 
 `detector_fn` is `uint8 images [B, S, S, 3] -> (final maps [B, S, S], image
 scores [B])`: preprocessing, the method's networks and device-side steps
-(the two-stage refinement with SLIC on the device), smoothing and the score
-rule, with the trained variables inside. `export` writes it with
-`jax.export` (StableHLO, batch dimension symbolic) and a JSON of what a
+(the two-stage refinement with SLIC on the device), smoothing and the image
+score (the score rule, or the method's own), with the trained variables
+inside. `export` writes it with `jax.export` (StableHLO, batch dimension symbolic) and a JSON of what a
 caller needs; loading that needs JAX alone. `Detector` serves both a workdir
 and an export to users' own code:
 
@@ -50,13 +50,12 @@ def _detector_of_variables(config: ml_collections.ConfigDict, model: inference.T
   model's SLIC labels) runs on the device here (`Method.pure_config`).
   """
   config = methods.get(config.method).pure_config(config)
-  maps = inference.maps_fn(config, model.trained)
-  score = inference.score_fn(config)
+  maps_and_scores = inference.maps_and_scores_fn(config, model.trained)
   final = model.final_map
 
   def detect(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    final_maps = maps(variables, {'image': images})[final]
-    return final_maps, score(final_maps)
+    maps, scores = maps_and_scores(variables, {'image': images})
+    return maps[final], scores[final]
 
   return detect
 

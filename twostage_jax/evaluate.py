@@ -95,8 +95,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   test = data.category_test_set(config)
   logging.info('evaluating %s (%s) on %d test images', config.category,
                ', '.join(f'{k} {v}' for k, v in model.steps.items()), len(test.images))
-  maps = inference.anomaly_maps(config, model, test.images)
-  scores = inference.image_scores(config, maps)
+  maps, scores = inference.maps_and_scores(config, model, test.images)
   thresholds = None
   if config.calibration.holdout_fraction > 0:
     thresholds = calibration.ensure_thresholds(config, workdir, model)

@@ -30,21 +30,20 @@ Variables = train_state.Variables
 
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
-  """Host copies of the trained variables of stages 1..n of a method, and their steps."""
+  """Host copies of the trained variables of stages 1..n of a method, and their steps.
+
+  `final_map` names the map decisions are made on (`Method.final_map`).
+  """
 
   method: str
   variables: tuple[Variables, ...]
   stage_steps: tuple[int, ...]
+  final_map: str
 
   @property
   def trained(self) -> tuple[int, ...]:
     """The trained stages."""
     return tuple(range(1, len(self.variables) + 1))
-
-  @property
-  def final_map(self) -> str:
-    """Name of the map decisions are made on."""
-    return methods.get(self.method).final_map(self.trained)
 
   @property
   def steps(self) -> dict[str, int | None]:
@@ -110,9 +109,9 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> TrainedModel:
                                             _stage_step(config, workdir, stage, recorded))
     variables[stage], steps[stage] = parallel.to_host(train_state.variables_of(state)), step
     recorded.update(train_state.provenance(config, workdir, stage, step))
-  stages = sorted(variables)
+  stages = tuple(sorted(variables))
   return TrainedModel(config.method, tuple(variables[s] for s in stages),
-                      tuple(steps[s] for s in stages))
+                      tuple(steps[s] for s in stages), method.final_map(config, stages))
 
 
 def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
@@ -130,33 +129,51 @@ def smooth(maps: jax.Array, sigma: float) -> jax.Array:
   return losses.gaussian_filter_same(window, sigma)(maps[..., None])[..., 0]
 
 
-def maps_fn(config: ml_collections.ConfigDict, trained: tuple[int, ...]):
-  """Pure (variables, batch) -> {map name: (B, H, W)} for one device's uint8 images.
+def score_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
+  """Pure (B, H, W) maps -> (B,) image scores by `eval.score_rule`.
+
+  'mean_filter_max': the max of the `eval.score_filter_size` mean-filtered
+  map (the papers' rule); 'max': the map's maximum.
+  """
+  if config.eval.score_rule == 'max':
+    return lambda maps: maps.max(axis=(1, 2))
+  return functools.partial(mean_filter_max, size=config.eval.score_filter_size)
+
+
+def maps_and_scores_fn(config: ml_collections.ConfigDict, trained: tuple[int, ...]):
+  """Pure (variables, batch) -> ({map name: (B, H, W)}, {map name: (B,)}) for uint8 images.
 
   Every reported map is smoothed by `eval.map_sigma`; a method's own steps
-  (the two-stage refinement) read its raw maps, as in training.
+  (the two-stage refinement) read its raw maps, as in training. A map's
+  image score is the method's own (`Method.scores_fn`) where it gives one,
+  else `eval.score_rule` of the smoothed map.
   """
-  method_maps = methods.get(config.method).maps_fn(config, trained)
+  method = methods.get(config.method)
+  method_maps = method.maps_fn(config, trained)
+  method_scores = method.scores_fn(config, trained)
+  rule = score_fn(config)
 
-  def maps(variables, batch):
+  def maps_and_scores(variables, batch):
     batch = {**batch, 'image': batch['image'].astype(jnp.float32) / 255.0}
-    return {name: smooth(m, config.eval.map_sigma)
-            for name, m in method_maps(variables, batch).items()}
+    raw = method_maps(variables, batch)
+    maps = {name: smooth(m, config.eval.map_sigma) for name, m in raw.items()}
+    scores = {} if method_scores is None else method_scores(variables, batch, raw)
+    return maps, {name: scores[name] if name in scores else rule(m) for name, m in maps.items()}
 
-  return maps
+  return maps_and_scores
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_maps_fn(config_json: str, trained: tuple[int, ...], mesh: Mesh):
-  """maps_fn mapped over `mesh`, kept so that later calls reuse its compilation."""
+def _compiled_fn(config_json: str, trained: tuple[int, ...], mesh: Mesh):
+  """maps_and_scores_fn mapped over `mesh`, kept so that later calls reuse its compilation."""
   config = ml_collections.ConfigDict(json.loads(config_json))
-  return parallel.per_shard(maps_fn(config, trained), mesh,
+  return parallel.per_shard(maps_and_scores_fn(config, trained), mesh,
                             xla_options.compiler_options(config))
 
 
-def anomaly_maps(config: ml_collections.ConfigDict, model: TrainedModel,
-                 images: np.ndarray) -> dict[str, np.ndarray]:
-  """float32 (N, H, W) maps of uint8 (N, H, W, 3) images, by map name.
+def maps_and_scores(config: ml_collections.ConfigDict, model: TrainedModel,
+                    images: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """float32 (N, H, W) maps and (N,) image scores of uint8 (N, H, W, 3) images, by map name.
 
   The names and their order are the method's (the two-stage model: 'stage
   1', and with a trained stage 2 also 'stage 2' and 'combined'). Batches of
@@ -167,31 +184,28 @@ def anomaly_maps(config: ml_collections.ConfigDict, model: TrainedModel,
   mesh = Mesh(np.array(jax.local_devices()), (DATA_AXIS,))
   devices = mesh.devices.size
   batch_size = -(-config.eval.batch_size // devices) * devices
-  infer = _compiled_maps_fn(config.to_json(), model.trained, mesh)
+  infer = _compiled_fn(config.to_json(), model.trained, mesh)
   variables = jax.device_put(model.variables, parallel.replicated(mesh))
   host_inputs = methods.get(config.method).host_inputs(
       config, model.trained, images, batch_size, config.train.num_workers)
-  outputs = []
+  map_parts, score_parts = [], []
   for start, extra in zip(range(0, len(images), batch_size), host_inputs):
     batch = {'image': images[start:start + batch_size], **extra}
     count = len(batch['image'])
     batch = {k: np.concatenate([v, np.zeros((batch_size - count,) + v.shape[1:], v.dtype)])
              for k, v in batch.items()}
-    maps = infer(variables, jax.device_put(batch, parallel.batch_sharded(mesh)))
-    outputs.append({k: np.asarray(v)[:count] for k, v in maps.items()})
-  names = methods.get(config.method).map_names(model.trained)
-  return {k: np.concatenate([o[k] for o in outputs]) for k in names}
+    maps, scores = infer(variables, jax.device_put(batch, parallel.batch_sharded(mesh)))
+    map_parts.append({k: np.asarray(v)[:count] for k, v in maps.items()})
+    score_parts.append({k: np.asarray(v)[:count] for k, v in scores.items()})
+  names = methods.get(config.method).map_names(config, model.trained)
+  return ({k: np.concatenate([p[k] for p in map_parts]) for k in names},
+          {k: np.concatenate([p[k] for p in score_parts]) for k in names})
 
 
-def score_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
-  """Pure (B, H, W) maps -> (B,) image scores by `eval.score_rule`.
-
-  'mean_filter_max': the max of the `eval.score_filter_size` mean-filtered
-  map (the papers' rule); 'max': the map's maximum.
-  """
-  if config.eval.score_rule == 'max':
-    return lambda maps: maps.max(axis=(1, 2))
-  return functools.partial(mean_filter_max, size=config.eval.score_filter_size)
+def anomaly_maps(config: ml_collections.ConfigDict, model: TrainedModel,
+                 images: np.ndarray) -> dict[str, np.ndarray]:
+  """The maps of `maps_and_scores`."""
+  return maps_and_scores(config, model, images)[0]
 
 
 def image_scores(config: ml_collections.ConfigDict, maps: dict[str, np.ndarray]

@@ -8,6 +8,7 @@ ones records which of their checkpoints it was trained on.
 """
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +25,7 @@ from twostage_jax import prefetch
 from twostage_jax import progress
 from twostage_jax import schedules
 from twostage_jax import summaries
-from twostage_jax import synthesis
 from twostage_jax import train_state
-from twostage_jax import train_step
 from twostage_jax import xla_options
 
 
@@ -42,7 +41,7 @@ def stages_to_train(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
-          stage: int) -> train_state.TrainState:
+          stage: int) -> Any:
   """Trains `stage` on every device of every process; resumes from `workdir`.
 
   A stage built on earlier ones (stage 2 of the two-stage model) uses their
@@ -55,11 +54,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   local_batch = parallel.local_batch_size(config.train.global_batch_size)
   images, held_out = data.training_images(config)
   logging.info('stage %d of %s: training on %d images of %s/%s at %dx%d (%d held out for '
-               'thresholds) in %s; anomaly sources: %s', stage, method.name, len(images),
+               'thresholds) in %s', stage, method.name, len(images),
                data.resolve_data_dir(config), config.category, config.image_size,
                config.image_size, len(held_out),
-               jnp.dtype(precision.compute_dtype(config)).name,
-               synthesis.describe_sources(config.anomaly_source_dir))
+               jnp.dtype(precision.compute_dtype(config)).name)
 
   checkpoints = checkpoints_lib.Checkpoints(train_state.checkpoint_dir(workdir, stage),
                                             config.train)
@@ -95,9 +93,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   host_batches = pipeline.batches(
       images, method.sampler_factory(config, stage, images), plan, start_step,
       num_steps, config.train.num_workers, config.train.prefetch_batches)
-  step_fn = parallel.data_parallel(
-      functools.partial(train_step.train_step, objective=method.objective(config, stage)),
-      mesh, xla_options.compiler_options(config))
+  step_fn = parallel.data_parallel(method.train_step(config, stage), mesh,
+                                   xla_options.compiler_options(config))
   step_key = jax.random.fold_in(train_state.prng_key(config.seed + 1), stage)
   summary = summaries.Writer(workdir, config, stage, start_step, held_out, mesh)
   log = progress.Progress(workdir, config, stage, start_step, summary)

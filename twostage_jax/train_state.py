@@ -4,26 +4,18 @@ Each stage keeps its own checkpoints under `<workdir>/checkpoints/stage<n>`,
 so either stage can resume on its own and inference can pick any pair.
 """
 
-import functools
 import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
-from flax.training import train_state
 
 from twostage_jax import checkpoints as checkpoints_lib
 from twostage_jax import methods
+from twostage_jax import network_state
 from twostage_jax import parallel
-from twostage_jax import schedules
 
-Variables = dict[str, Any]
-
-
-class TrainState(train_state.TrainState):
-  batch_stats: Any
+Variables = network_state.Variables
 
 
 def prng_key(seed: int) -> jax.Array:
@@ -37,23 +29,13 @@ def prng_key(seed: int) -> jax.Array:
 
 
 def create_train_state(config: ml_collections.ConfigDict, key: jax.Array,
-                       stage: int = 1) -> TrainState:
-  """Fresh parameters, batch statistics and Adam state for `stage` of `config`."""
-  model = methods.get(config.method).create_model(config, stage)
-  shape = (1, config.image_size, config.image_size, 3)
-  # Jitted: run op by op, init would compile every layer's ops separately.
-  init = jax.jit(functools.partial(model.init, train=False))
-  variables = init(key, jnp.zeros(shape, jnp.float32))
-  schedule = schedules.learning_rate_schedule(config.train, schedules.stage_steps(config, stage))
-  return TrainState.create(
-      apply_fn=model.apply,
-      params=variables['params'],
-      batch_stats=variables['batch_stats'],
-      tx=optax.adam(schedule))
+                       stage: int = 1) -> Any:
+  """Fresh state of `stage` of `config`'s method (`Method.create_state`)."""
+  return methods.get(config.method).create_state(config, key, stage)
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                         stage: int = 1) -> TrainState:
+                         stage: int = 1) -> Any:
   """Shapes, dtypes and replicated shardings of `stage`'s state, for restoring.
 
   The restored state keeps this one's optimizer, whose schedule depends on
@@ -65,7 +47,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.M
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-def variables_of(state: TrainState) -> Variables:
+def variables_of(state: Any) -> Variables:
   """What inference needs of a state: params and BatchNorm statistics."""
   return {'params': state.params, 'batch_stats': state.batch_stats}
 
@@ -84,7 +66,7 @@ def has_checkpoint_at(workdir: str, stage: int, step: int) -> bool:
 
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str, stage: int,
-                  mesh: jax.sharding.Mesh, step: int = -1) -> tuple[TrainState, int]:
+                  mesh: jax.sharding.Mesh, step: int = -1) -> tuple[Any, int]:
   """The state of `stage` at `step` (-1: the newest intact one), replicated over `mesh`.
 
   Raises:

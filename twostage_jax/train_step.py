@@ -1,21 +1,24 @@
-"""The pure, per-device training step every method shares."""
+"""The pure, per-device training step of a single network, the default of every method."""
+
+from typing import Any, Callable
 
 import jax
 
-from twostage_jax.methods.base import Objective
-from twostage_jax.models.segmentation import DATA_AXIS
-from twostage_jax.train_state import TrainState
+from twostage_jax import network_state
+
+Batch = dict[str, jax.Array]
+# (prediction, batch) -> (scalar loss, metrics of this device's share).
+Objective = Callable[[jax.Array, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+# (state, this device's share of the batch, PRNG key) -> (state, metrics).
+Step = Callable[[Any, Batch, jax.Array], tuple[Any, dict[str, jax.Array]]]
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
-               objective: Objective) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimisation step on this device's share of the batch.
+def train_step(state: network_state.TrainState, batch: Batch, key: jax.Array,
+               objective: Objective) -> tuple[network_state.TrainState, dict[str, jax.Array]]:
+  """One optimisation step of the network on this device's share of the batch.
 
-  Written per device in the pmap style: gradients, metrics and (inside
-  BatchNorm) batch statistics are averaged over the `data` axis, so every
-  device ends the step with the same state. `key` is this step's PRNG key;
-  the two-stage and Bauer networks have no stochastic layers, so they do not
-  draw from it.
+  `key` is this step's PRNG key; the two-stage and Bauer networks have no
+  stochastic layers, so they do not draw from it.
   """
   del key
 
@@ -26,7 +29,4 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
     loss, metrics = objective(prediction, batch)
     return loss, (metrics, updates['batch_stats'])
 
-  grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-  grads = jax.lax.pmean(grads, DATA_AXIS)
-  metrics = jax.lax.pmean(metrics, DATA_AXIS)
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+  return network_state.update(state, loss_fn)

@@ -7,25 +7,34 @@ registry (`methods/__init__.py`).
 """
 
 import abc
+import functools
 from collections.abc import Iterator
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
+from twostage_jax import network_state
 from twostage_jax import pipeline
+from twostage_jax import schedules
+from twostage_jax import train_step as default_step
 
-Variables = dict[str, Any]
-Batch = dict[str, jax.Array]
-# (prediction, batch) -> (scalar loss, metrics of this device's share).
-Objective = Callable[[jax.Array, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+Variables = network_state.Variables
+Batch = default_step.Batch
+Objective = default_step.Objective
 # (variables of the frozen earlier stages, batch) -> the batch the stage trains on.
 StageBatchFn = Callable[[tuple[Variables, ...], Batch], Batch]
 # (variables of the trained stages in order, batch) -> {map name: (B, H, W)} for
 # one device's images; batch['image'] is float32 in [0, 1].
 MapsFn = Callable[[tuple[Variables, ...], Batch], dict[str, jax.Array]]
+# (variables, batch, the MapsFn's maps) -> {map name: (B,) image scores} for the
+# maps whose image score the method computes itself.
+ScoresFn = Callable[[tuple[Variables, ...], Batch, dict[str, jax.Array]],
+                    dict[str, jax.Array]]
 # (config key, predicate on its value, what the value must be).
 Rule = tuple[str, Callable[[Any], bool], str]
 
@@ -54,6 +63,9 @@ class Method(abc.ABC):
   name: str
   stages: tuple[int, ...]  # every stage it trains, in training order
   config_rules: tuple[Rule, ...] = ()  # checked by config_problems
+  # Config sections that change the maps or image scores of trained networks
+  # (held-out thresholds are recomputed when they change).
+  inference_sections: tuple[str, ...] = ()
 
   def config_problems(self, config: ml_collections.ConfigDict) -> list[str]:
     """Every method-specific config value that is invalid, as 'config.key = v must be ...'."""
@@ -63,9 +75,29 @@ class Method(abc.ABC):
   def create_model(self, config: ml_collections.ConfigDict, stage: int) -> nn.Module:
     """The network `stage` trains; float32 parameters whatever the compute dtype."""
 
-  @abc.abstractmethod
+  def create_state(self, config: ml_collections.ConfigDict, key: jax.Array, stage: int) -> Any:
+    """Fresh training state of `stage`: by default its network (`create_model`) with Adam.
+
+    A method that trains several networks in a stage returns their states
+    in one pytree whose `params` and `batch_stats` are the variables
+    `maps_fn` receives (e.g. `network_state.AdversarialState`).
+    """
+    model = self.create_model(config, stage)
+    schedule = schedules.learning_rate_schedule(config.train, schedules.stage_steps(config, stage))
+    return network_state.create(
+        model, key, jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32),
+        optax.adam(schedule))
+
+  def train_step(self, config: ml_collections.ConfigDict, stage: int) -> default_step.Step:
+    """The pure per-device step of `stage`: by default one update on `objective`."""
+    return functools.partial(default_step.train_step, objective=self.objective(config, stage))
+
   def objective(self, config: ml_collections.ConfigDict, stage: int) -> Objective:
-    """The loss of `stage` given the network's prediction and the batch."""
+    """The loss of `stage` given the network's prediction and the batch.
+
+    Used by the default `train_step`; a method with its own step need not give one.
+    """
+    raise NotImplementedError(f'{self.name} trains stage {stage} with its own train_step')
 
   @abc.abstractmethod
   def sampler_factory(self, config: ml_collections.ConfigDict, stage: int,
@@ -88,16 +120,23 @@ class Method(abc.ABC):
     return None
 
   @abc.abstractmethod
-  def map_names(self, trained: tuple[int, ...]) -> tuple[str, ...]:
+  def map_names(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]
+                ) -> tuple[str, ...]:
     """The names of the maps `maps_fn` gives for the trained stages, in report order."""
 
-  def final_map(self, trained: tuple[int, ...]) -> str:
+  def final_map(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]) -> str:
     """Name of the map decisions are made on: the last of `map_names`."""
-    return self.map_names(trained)[-1]
+    return self.map_names(config, trained)[-1]
 
   @abc.abstractmethod
   def maps_fn(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]) -> MapsFn:
     """The pure per-device anomaly maps of the trained stages (unsmoothed)."""
+
+  def scores_fn(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]
+                ) -> ScoresFn | None:
+    """The image scores the method computes itself (None: every map's by `eval.score_rule`)."""
+    del config, trained
+    return None
 
   def pure_config(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config` changed, if need be, so that `maps_fn` needs no `host_inputs`.

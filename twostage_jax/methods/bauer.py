@@ -21,6 +21,7 @@ from twostage_jax import pipeline
 from twostage_jax import precision
 from twostage_jax import synthesis
 from twostage_jax.methods import base
+from twostage_jax.methods import synthesis_rules
 from twostage_jax.models import BauerAutoencoder
 
 AUTOENCODER = 'autoencoder'
@@ -58,7 +59,7 @@ class Bauer(base.Method):
        ' or '.join(map(str, losses.OBJECTIVES))),
       ('loss.lam', lambda v: 0 <= v <= 1, 'in [0, 1]'),
       ('eval.min_defect_fraction', lambda v: 0 < v < 1, 'in (0, 1)'),
-  )
+  ) + synthesis_rules.DISTORTION
 
   def config_problems(self, config: ml_collections.ConfigDict) -> list[str]:
     """The rules, and an image size the encoder's poolings divide."""
@@ -94,8 +95,9 @@ class Bauer(base.Method):
     del stage, images
     return functools.partial(synthesis.DistortionSampler, config)
 
-  def map_names(self, trained: tuple[int, ...]) -> tuple[str, ...]:
-    del trained
+  def map_names(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]
+                ) -> tuple[str, ...]:
+    del config, trained
     return (AUTOENCODER,)
 
   def maps_fn(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]) -> base.MapsFn:

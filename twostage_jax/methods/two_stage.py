@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from twostage_jax import data
 from twostage_jax import losses
@@ -27,6 +28,7 @@ from twostage_jax import superpixel_pool
 from twostage_jax import superpixels
 from twostage_jax import synthesis
 from twostage_jax.methods import base
+from twostage_jax.methods import synthesis_rules
 from twostage_jax.models import SegmentationNet
 
 STAGE1, STAGE2, COMBINED = 'stage 1', 'stage 2', 'combined'
@@ -75,6 +77,7 @@ def anomaly_sources(config: ml_collections.ConfigDict) -> synthesis.SourceStore:
   Built on the first run on a machine and reused by later runs with the
   same sources and settings.
   """
+  logging.info('anomaly sources: %s', synthesis.describe_sources(config.anomaly_source_dir))
   return synthesis.build_source_store(config.anomaly_source_dir, config.image_size,
                                       **_store_settings(config))
 
@@ -84,6 +87,7 @@ class TwoStage(base.Method):
 
   name = 'two_stage'
   stages = (1, 2)
+  inference_sections = ('refine',)
   config_rules = (
       ('model.width', lambda v: v > 0, 'positive'),
       ('refine.threshold_rule', lambda v: v in refine.THRESHOLD_RULES,
@@ -102,7 +106,7 @@ class TwoStage(base.Method):
        '0 or more, or None (= loss.l2_weight)'),
       ('stage2.loss.ssim_weight', lambda v: v is None or v >= 0,
        '0 or more, or None (= loss.ssim_weight)'),
-  )
+  ) + synthesis_rules.SYNTHESIS + synthesis_rules.DISTORTION
 
   def create_model(self, config: ml_collections.ConfigDict, stage: int) -> nn.Module:
     del stage  # both stages use the same network
@@ -143,7 +147,9 @@ class TwoStage(base.Method):
 
     return to_stage2
 
-  def map_names(self, trained: tuple[int, ...]) -> tuple[str, ...]:
+  def map_names(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]
+                ) -> tuple[str, ...]:
+    del config
     return (STAGE1, STAGE2, COMBINED) if 2 in trained else (STAGE1,)
 
   def maps_fn(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]) -> base.MapsFn:

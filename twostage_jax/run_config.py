@@ -51,6 +51,7 @@ PER_RUN_KEYS = (
     'eval.stage1_step',
     'eval.stage2_step',
     'eval.score_rule',
+    'eval.image_score',
     'eval.score_filter_size',
     'eval.map_sigma',
     'calibration.image_quantile',
@@ -60,6 +61,8 @@ PER_RUN_KEYS = (
     'distributed',
     'xla_cpu_options',
     'refine.superpixels',
+    'detector.alpha',
+    'detector.beta',
     'export',
 )
 

@@ -3,11 +3,12 @@
 Adding a method means adding its module under `methods/` and one entry here.
 """
 
+from twostage_jax.methods.anoseg import AnoSeg
 from twostage_jax.methods.base import Method
 from twostage_jax.methods.bauer import Bauer
 from twostage_jax.methods.two_stage import TwoStage
 
-_REGISTRY: dict[str, Method] = {method.name: method for method in (TwoStage(), Bauer())}
+_REGISTRY: dict[str, Method] = {method.name: method for method in (TwoStage(), Bauer(), AnoSeg())}
 NAMES = tuple(sorted(_REGISTRY))
 
 

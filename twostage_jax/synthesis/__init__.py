@@ -1,13 +1,19 @@
-"""Host-side training inputs: DRAEM Perlin blends, SAIM superpixels, Bauer's patch distortion."""
+"""Host-side training inputs of the methods.
+
+DRAEM Perlin blends, SAIM superpixels, Bauer's patch distortion and AnoSeg's
+hard-augmented CutPaste.
+"""
 
 from twostage_jax.synthesis.augment import AUGMENTERS
 from twostage_jax.synthesis.augment import random_augment
+from twostage_jax.synthesis.cutpaste import HardCutPaste
 from twostage_jax.synthesis.distortion import PatchDistorter
 from twostage_jax.synthesis.geometric import random_geometric
 from twostage_jax.synthesis.perlin import perlin_mask
 from twostage_jax.synthesis.perlin import perlin_noise
 from twostage_jax.synthesis.pseudo_anomaly import PseudoAnomalySynthesizer
 from twostage_jax.synthesis.pseudo_anomaly import superpixel_paste
+from twostage_jax.synthesis.samples import CutPasteSampler
 from twostage_jax.synthesis.samples import DistortionSampler
 from twostage_jax.synthesis.samples import PseudoAnomalySampler
 from twostage_jax.synthesis.samples import augment_settings
@@ -21,7 +27,9 @@ from twostage_jax.synthesis.superpixel import superpixel_mask
 
 __all__ = [
     'AUGMENTERS',
+    'CutPasteSampler',
     'DistortionSampler',
+    'HardCutPaste',
     'PatchDistorter',
     'PseudoAnomalySampler',
     'PseudoAnomalySynthesizer',

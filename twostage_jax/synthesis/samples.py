@@ -7,12 +7,15 @@ the category's entry of `augment_by_category`), then
   stage 2 also needs the SLIC labels of that image for the refinement. SLIC
   is host work and the slowest part of it, so it runs here, in the workers;
 - `DistortionSampler` (Bauer's autoencoder): a patch distortion X̂ of the
-  image X, its mask M, and X itself as the target.
+  image X, its mask M, and X itself as the target;
+- `CutPasteSampler` (AnoSeg): a patch of a hard-augmented copy of the image
+  pasted into it, and its mask.
 """
 
 import ml_collections
 import numpy as np
 
+from twostage_jax.synthesis import cutpaste
 from twostage_jax.synthesis import distortion
 from twostage_jax.synthesis import geometric
 from twostage_jax.synthesis import pseudo_anomaly
@@ -79,3 +82,17 @@ class DistortionSampler:
     distorted, mask = self._distort(image, rng)
     return {'image': distorted, 'target': np.clip(image, 0.0, 1.0, dtype=np.float32),
             'mask': mask}
+
+
+class CutPasteSampler:
+  """Turns a normal image into {'image', 'mask'} with an AnoSeg synthetic anomaly."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self._augment = augment_settings(config)
+    self._synthesize = cutpaste.HardCutPaste(config.cutpaste)
+
+  def __call__(self, image: np.ndarray, rng: np.random.Generator
+               ) -> dict[str, np.ndarray]:
+    """float32 'image' (H, W, 3) and 'mask' (H, W), 1 = anomaly."""
+    image, mask = self._synthesize(_augmented(image, rng, self._augment), rng)
+    return {'image': image, 'mask': mask}

@@ -1,0 +1,429 @@
+"""AnoSeg: coordinate channels, networks, losses, the adversarial steps, a short run."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+
+import parallel_steps  # tests/parallel_steps.py
+from configs import anoseg
+from configs import anoseg_cpu
+from twostage_jax import adversarial_losses as losses
+from twostage_jax import calibration
+from twostage_jax import config_validation
+from twostage_jax import data
+from twostage_jax import detector
+from twostage_jax import evaluate
+from twostage_jax import inference
+from twostage_jax import methods
+from twostage_jax import metrics
+from twostage_jax import parallel
+from twostage_jax import pipeline
+from twostage_jax import run_config
+from twostage_jax import train
+from twostage_jax import train_state
+from twostage_jax.methods import anoseg as anoseg_method
+from twostage_jax.models import anoseg as models
+from twostage_jax.models.segmentation import DATA_AXIS
+
+METHOD = methods.get('anoseg')
+
+
+def small_config(cache_dir: str):
+  config = anoseg_cpu.get_config()
+  config.update_from_flattened_dict({
+      'category': 'weave', 'cache_dir': cache_dir, 'image_size': 32,
+      'model.encoder_widths': (4, 8, 8, 16), 'model.decoder_widths': (16, 8, 8, 8, 8, 8),
+      'model.discriminator_widths': (8, 8, 16, 8), 'demo.num_train': 24,
+      'demo.num_test_good': 4, 'demo.num_test_per_defect': 2, 'train.num_workers': 0,
+      'train.global_batch_size': 8, 'train.tensorboard': False, 'eval.batch_size': 8,
+      'export.platforms': ('cpu',),
+  })
+  return config
+
+
+@pytest.fixture(scope='module')
+def config(tmp_path_factory):
+  return small_config(str(tmp_path_factory.mktemp('cache')))
+
+
+def mixed_batch(config, stream=1):
+  """A host batch of 8 with normal and anomalous samples."""
+  images, _ = data.training_images(config)
+  sample = METHOD.sampler_factory(config, 1, images)()
+  plan = pipeline.BatchPlan(num_images=len(images), global_batch_size=8, local_batch_size=8,
+                            process_index=0, seed=0, stream=stream)
+  for step in range(20):
+    batch = pipeline.build_batch(images, sample, plan, step)
+    anomalous = batch['mask'].sum(axis=(1, 2)) > 0
+    if 2 <= anomalous.sum() <= 6:
+      return batch
+  raise AssertionError('no mixed batch in 20 steps')
+
+
+# --- coordinate channels and networks --------------------------------------------------
+
+
+def test_coordinate_channels_are_rank_one_ramps_from_minus_one_to_one():
+  coords = np.asarray(models.coordinate_channels(2, 4, 5))
+  assert coords.shape == (2, 4, 5, 2)
+  x, y = coords[0, ..., 0], coords[0, ..., 1]
+  np.testing.assert_allclose(x[0], [-1, -0.5, 0, 0.5, 1])
+  np.testing.assert_allclose(y[:, 0], [-1, -1 / 3, 1 / 3, 1], rtol=1e-6)
+  assert np.linalg.matrix_rank(x) == 1 and np.linalg.matrix_rank(y) == 1
+  assert (x == x[:1]).all() and (y == y[:, :1]).all()  # x varies along columns only
+  np.testing.assert_array_equal(coords[0], coords[1])
+
+
+def test_coordinate_channels_reach_the_encoder_only_when_switched_on(config):
+  for switch, channels in ((True, 5), (False, 3)):
+    config_ = config.copy_and_resolve_references()
+    config_.model.coordinate_channels = switch
+    state = METHOD.create_state(config_, train_state.prng_key(0), 1)
+    stem = state.generator.params['encoder']['Conv_0']['kernel']
+    assert stem.shape == (7, 7, channels, 4)
+
+
+def _resnet18_parameters(in_channels, widths=(64, 128, 256, 512)):
+  """ResNet-18's convolution layers: no conv biases, BN scale + shift per channel."""
+  total = 7 * 7 * in_channels * widths[0] + 2 * widths[0]
+  previous = widths[0]
+  for stage, width in enumerate(widths):
+    for block in range(2):
+      total += 9 * previous * width + 2 * width + 9 * width * width + 2 * width
+      if stage > 0 and block == 0:
+        total += previous * width + 2 * width  # the 1x1 projection shortcut and its BN
+      previous = width
+  return total
+
+
+def _decoder_parameters(out_channels, widths=(512, 256, 128, 128, 128, 128), in_channels=512):
+  """Table 6's decoder: conv + BN, then (4x4 transposed conv + BN, conv + BN) x 5, conv + bias."""
+  total = 9 * in_channels * widths[0] + 2 * widths[0]
+  for previous, width in zip(widths[:-1], widths[1:]):
+    total += 16 * previous * previous + 2 * previous + 9 * previous * width + 2 * width
+  return total + 9 * widths[-1] * out_channels + out_channels
+
+
+def _discriminator_parameters(in_channels=4, widths=(64, 128, 256, 512, 512, 512, 128)):
+  """4x4 convs; the first has a bias and no BN, the others BN; a last 4x4 conv + bias to 1."""
+  total = 16 * in_channels * widths[0] + widths[0]
+  for previous, width in zip(widths[:-1], widths[1:]):
+    total += 16 * previous * width + 2 * width
+  return total + 16 * widths[-1] + 1
+
+
+def count(params):
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_paper_size_networks_have_the_parameters_table_6_gives_under_our_assumptions():
+  """Assumptions: inputs are RGB + 2 coordinate channels (RGB + map + 2 for the detector);
+  no bias before BatchNorm; the discriminators see concat(image, mask) without coordinates."""
+  config = anoseg.get_config()
+  shapes = jax.eval_shape(lambda: METHOD.create_state(config, train_state.prng_key(0), 1))
+  assert count(shapes.generator.params['encoder']) == _resnet18_parameters(5)
+  assert _resnet18_parameters(3) == 11_176_512  # torchvision's resnet18 without its fc layer
+  assert count(shapes.generator.params['map_decoder']) == _decoder_parameters(1)
+  assert count(shapes.generator.params['image_decoder']) == _decoder_parameters(3)
+  assert count(shapes.discriminator.params) == _discriminator_parameters()
+  detector_shapes = jax.eval_shape(
+      lambda: METHOD.create_state(config, train_state.prng_key(0), 2))
+  assert 'map_decoder' not in detector_shapes.generator.params
+  assert (count(detector_shapes.generator.params)
+          == _resnet18_parameters(6) + _decoder_parameters(3))
+  assert count(detector_shapes.discriminator.params) == _discriminator_parameters()
+  print('AnoSeg generator', count(shapes.generator.params), 'discriminator',
+        count(shapes.discriminator.params))
+
+
+def test_the_base_model_has_no_image_decoder_and_no_discriminator(config):
+  config_ = config.copy_and_resolve_references()
+  config_.loss.adversarial = False
+  state = METHOD.create_state(config_, train_state.prng_key(0), 1)
+  assert state.discriminator is None and 'image_decoder' not in state.generator.params
+
+
+def test_the_discriminator_judges_image_and_mask_together(config):
+  state = METHOD.create_state(config, train_state.prng_key(0), 1)
+  assert state.discriminator.params['Conv_0']['kernel'].shape[2] == 4
+  images = jnp.asarray(np.random.default_rng(0).random((2, 32, 32, 3)), jnp.float32)
+  judge = functools.partial(state.discriminator.apply_fn,
+                            {'params': state.discriminator.params,
+                             'batch_stats': state.discriminator.batch_stats}, train=False)
+  ones, holed = jnp.ones((2, 32, 32)), jnp.ones((2, 32, 32)).at[:, 8:16, 8:16].set(0)
+  logits_ones, features = judge(anoseg_method._pair(images, ones))
+  logits_holed, _ = judge(anoseg_method._pair(images, holed))
+  assert features.shape == (2, 2 * 2 * 8)
+  assert np.abs(np.asarray(logits_ones - logits_holed)).max() > 1e-6
+
+
+def test_config_errors_name_the_key(config):
+  bad = config.copy_and_resolve_references()
+  bad.model.discriminator_widths = (8, 8, 16)
+  with pytest.raises(ValueError, match=r'discriminator_widths has 3 entries.*give .* 4 widths'):
+    config_validation.validate(bad)
+  bad = config.copy_and_resolve_references()
+  bad.image_size = 48
+  with pytest.raises(ValueError, match='image_size = 48 must be a multiple of 32'):
+    config_validation.validate(bad)
+  bad = config.copy_and_resolve_references()
+  bad.eval.image_score = 'mean'
+  with pytest.raises(ValueError, match="eval.image_score = 'mean' must be 'detector' or 'map'"):
+    config_validation.validate(bad)
+  bad = config.copy_and_resolve_references()
+  bad.loss.segmentation_norm = 'l3'
+  with pytest.raises(ValueError, match="segmentation_norm = 'l3'"):
+    config_validation.validate(bad)
+
+
+# --- losses on hand-computed cases ------------------------------------------------------
+
+
+def test_segmentation_loss_is_the_mean_absolute_or_squared_error():
+  predicted = jnp.array([[[0.0, 0.5], [1.0, 0.25]]])
+  target = jnp.array([[[1.0, 0.5], [0.0, 0.0]]])
+  assert float(losses.segmentation_loss(predicted, target, 'l1')) == pytest.approx(2.25 / 4)
+  assert float(losses.segmentation_loss(predicted, target, 'l2')) == pytest.approx(2.0625 / 4)
+
+
+def test_masked_reconstruction_loss_counts_normal_pixels_only_per_sample():
+  images = jnp.zeros((2, 1, 2, 3))
+  reconstructions = jnp.stack([jnp.full((1, 2, 3), 0.5), jnp.full((1, 2, 3), 0.2)])
+  reconstructions = reconstructions.at[0, 0, 1].set(1.0)  # under the anomaly: ignored
+  normal = jnp.array([[[1.0, 0.0]], [[1.0, 1.0]]])
+  # sample 0: 3 channels x 0.5 over 3 normal elements -> 0.5; sample 1: 0.2.
+  value = float(losses.masked_reconstruction_loss(images, reconstructions, normal))
+  assert value == pytest.approx((0.5 + 0.2) / 2)
+  assert float(losses.masked_reconstruction_loss(
+      images, reconstructions, jnp.zeros((2, 1, 2)))) == 0.0
+
+
+def test_binary_cross_entropy_and_the_distances():
+  logits = jnp.array([0.0, 2.0])
+  np.testing.assert_allclose(losses.binary_cross_entropy(logits, 1.0),
+                             [np.log(2), np.log1p(np.exp(-2.0))], rtol=1e-6)
+  np.testing.assert_allclose(losses.binary_cross_entropy(logits, 0.0),
+                             [np.log(2), np.log1p(np.exp(2.0))], rtol=1e-6)
+  np.testing.assert_allclose(losses.feature_distance(jnp.array([[1.0, 2.0]]),
+                                                     jnp.array([[0.0, 0.0]])), [2.5])
+  np.testing.assert_allclose(losses.image_distance(jnp.ones((1, 2, 2, 1)),
+                                                   jnp.zeros((1, 2, 2, 1))), [1.0])
+
+
+def test_weighted_mean_is_over_the_weighted_samples_of_every_device():
+  values = jnp.array([1.0, 2.0, 3.0, 10.0])
+  weights = jnp.array([1.0, 0.0, 1.0, 0.0])
+  assert float(losses.weighted_mean(values, weights, None)) == pytest.approx(2.0)
+  assert float(losses.weighted_mean(values, jnp.zeros(4), None)) == 0.0
+  mesh = Mesh(np.array(jax.devices()[:4]), (DATA_AXIS,))
+  per_device = jax.shard_map(
+      lambda v, w: jax.lax.pmean(losses.weighted_mean(v, w, DATA_AXIS), DATA_AXIS),
+      mesh=mesh, in_specs=(jax.P(DATA_AXIS), jax.P(DATA_AXIS)), out_specs=jax.P(),
+      check_vma=False)
+  assert float(per_device(values, weights)) == pytest.approx(2.0)
+
+
+# --- the adversarial steps -------------------------------------------------------------
+
+
+def sgd_state(config, stage, key=0):
+  """The stage's state with SGD for both networks, so parameter changes compare linearly."""
+  state = METHOD.create_state(config, train_state.prng_key(key), stage)
+  sgd = optax.sgd(0.1)
+  generator = state.generator.replace(tx=sgd, opt_state=sgd.init(state.generator.params))
+  discriminator = state.discriminator.replace(
+      tx=sgd, opt_state=sgd.init(state.discriminator.params))
+  return state.replace(generator=generator, discriminator=discriminator)
+
+
+def stage_batch(config, stage):
+  batch = {k: jnp.asarray(v) for k, v in mixed_batch(config).items()}
+  if stage == 2:
+    stage1 = train_state.variables_of(METHOD.create_state(config, train_state.prng_key(5), 1))
+    batch = METHOD.stage_batch(config, 2)((stage1,), batch)
+  return batch
+
+
+def one_step(config, stage, state, batch, devices):
+  mesh = Mesh(np.array(devices), (DATA_AXIS,))
+  step = parallel.data_parallel(METHOD.train_step(config, stage), mesh)
+  # A copy: the step donates its state.
+  state = jax.device_put(jax.tree.map(np.array, state), parallel.replicated(mesh))
+  new_state, step_metrics = step(state, jax.device_put(batch, parallel.batch_sharded(mesh)),
+                                 train_state.prng_key(0))
+  return parallel.to_host(train_state.variables_of(new_state)), parallel.to_host(step_metrics)
+
+
+def _distance(a, b, names):
+  """Euclidean distance of keyed variables a and b over `names`."""
+  return np.sqrt(sum(np.sum((a[n].astype(np.float64) - b[n]) ** 2) for n in names))
+
+
+@pytest.mark.parametrize('stage', [1, 2])
+def test_eight_devices_equal_one_for_a_generator_and_discriminator_step(config, stage):
+  """8 devices move both networks as 1 device does, to within float32 conditioning.
+
+  The tolerance is not elementwise: BatchNorm over channels that are nearly
+  constant after a ReLU, in these tiny random networks, divides float32
+  rounding by variances near 0, so even reordering the batch on one device
+  moves the parameter changes by up to about 1e-3 in norm (relative); at
+  32x32 (a 1x1 bottleneck) even the losses differ in the third digit, hence
+  64x64 here. A step that does not average over all devices differs by far
+  more: the one-device step on half the batch is the yardstick.
+  """
+  assert jax.device_count() == 8
+  config = config.copy_and_resolve_references()
+  config.image_size = 64
+  config.model.discriminator_widths = (8, 8, 16, 16, 8)
+  state, batch = sgd_state(config, stage), stage_batch(config, stage)
+  start = parallel_steps.keyed(train_state.variables_of(state))
+  eight, metrics8 = one_step(config, stage, state, batch, jax.devices())
+  one, metrics1 = one_step(config, stage, state, batch, jax.devices()[:1])
+  half_batch = jax.tree.map(lambda x: np.concatenate([x[:4], x[:4]]), batch)
+  half, _ = one_step(config, stage, state, half_batch, jax.devices()[:1])
+  assert metrics8.keys() == metrics1.keys() and 'discriminator_loss' in metrics1
+  for key in metrics1:
+    np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=1e-3, err_msg=key)
+  eight, one, half = map(parallel_steps.keyed, (eight, one, half))
+  for network in ('generator', 'discriminator'):
+    names = [n for n in one if f"'{network}'" in n and "'params'" in n]
+    change = _distance(one, start, names)
+    assert change > 1e-3, network  # the step trained both networks
+    assert _distance(eight, one, names) / change < 1e-2, network
+    assert _distance(half, one, names) / change > 5e-2, network  # what an error looks like
+
+
+def _step_params(config, stage, state, batch):
+  variables, _ = one_step(config, stage, state, batch, jax.devices()[:1])
+  return parallel_steps.keyed(variables['params'])
+
+
+def _subset(params, network):
+  return {k: v for k, v in params.items() if f"'{network}'" in k}
+
+
+@pytest.mark.parametrize('stage', [1, 2])
+def test_the_generator_loss_does_not_update_the_discriminator(config, stage):
+  state, batch = sgd_state(config, stage), stage_batch(config, stage)
+  reference = _step_params(config, stage, state, batch)
+  heavier = config.copy_and_resolve_references()
+  for section in ('loss', 'detector'):
+    for key in heavier[section]:
+      if key.endswith('_weight') and key != 'classification_weight':
+        heavier[section][key] *= 7.0
+  changed = _step_params(heavier, stage, state, batch)
+  for key, value in _subset(reference, 'discriminator').items():
+    np.testing.assert_array_equal(changed[key], value, err_msg=key)
+  # The same change of weights does move the generator: the check could fail.
+  assert any(np.abs(changed[k] - v).max() > 1e-6
+             for k, v in _subset(reference, 'generator').items())
+
+
+@pytest.mark.parametrize('stage', [1, 2])
+def test_the_discriminator_loss_does_not_update_the_generator(config, stage):
+  """With no adversarial or feature term the generator's step ignores the discriminator."""
+  batch = stage_batch(config, stage)
+  quiet = config.copy_and_resolve_references()
+  quiet.loss.adversarial_weight = 0.0
+  quiet.detector.adversarial_weight = quiet.detector.feature_weight = 0.0
+  state = sgd_state(quiet, stage)
+  other = state.replace(discriminator=sgd_state(quiet, stage, key=9).discriminator)
+  a, b = _step_params(quiet, stage, state, batch), _step_params(quiet, stage, other, batch)
+  for key, value in _subset(a, 'generator').items():
+    np.testing.assert_array_equal(b[key], value, err_msg=key)
+  assert any(np.abs(b[k] - v).max() > 1e-6 for k, v in _subset(a, 'discriminator').items())
+  # With the adversarial term on, the discriminator reaches the generator.
+  loud = quiet.copy_and_resolve_references()
+  loud.loss.adversarial_weight = loud.detector.adversarial_weight = 1.0
+  a, b = _step_params(loud, stage, state, batch), _step_params(loud, stage, other, batch)
+  assert any(np.abs(b[k] - v).max() > 1e-6 for k, v in _subset(a, 'generator').items())
+
+
+# --- a short run -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def trained(config, tmp_path_factory):
+  """(config, workdir, maps before training) of a run of 120 + 10 steps at 32x32."""
+  config = config.copy_and_resolve_references()
+  config.train.num_steps = 120
+  config.stage2.num_steps = 10
+  config.train.log_every = 10
+  config.train.checkpoint_every = 60
+  workdir = str(tmp_path_factory.mktemp('run'))
+  run_config.save(config, workdir)
+  initial = train_state.variables_of(METHOD.create_state(
+      config, jax.random.fold_in(train_state.prng_key(config.seed), 1), 1))
+  for stage in (1, 2):
+    train.train(config, workdir, stage)
+  return config, workdir, initial
+
+
+def synthetic_separation(config, variables):
+  """Pixel AUROC of the anomaly map against the masks of 32 synthetic samples."""
+  images, _ = data.training_images(config)
+  sample = METHOD.sampler_factory(config, 1, images)()
+  rng = np.random.default_rng(123)
+  samples = [sample(images[i % len(images)].astype(np.float32) / 255.0, rng) for i in range(32)]
+  batch = {'image': jnp.asarray(np.stack([s['image'] for s in samples]))}
+  maps = METHOD.maps_fn(config, (1,))((variables,), batch)[anoseg_method.SEGMENTATION]
+  return metrics.auroc(np.asarray(maps), np.stack([s['mask'] for s in samples]))
+
+
+def test_a_short_run_lowers_the_segmentation_loss_and_separates_anomalies(trained):
+  config, workdir, initial = trained
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f if '"stage": 1' in line or '"stage":1' in line]
+  losses_ = [r['segmentation_loss'] for r in rows if 'segmentation_loss' in r]
+  assert len(losses_) >= 10
+  assert np.mean(losses_[-3:]) < 0.7 * np.mean(losses_[:2])
+  model = inference.load_model(config, workdir)
+  before = synthetic_separation(config, initial)
+  after = synthetic_separation(config, model.variables[0])
+  assert after > before + 0.1, (before, after)
+
+
+def test_evaluation_reports_the_map_score_and_the_detector_score(trained):
+  config, workdir, _ = trained
+  results = evaluate.evaluate(config, workdir)
+  assert list(results['rows']) == ['anoseg', 'detector'] and results['final_map'] == 'detector'
+  rows = results['rows']
+  assert rows['anoseg']['pixel_auroc'] == rows['detector']['pixel_auroc']
+  model = inference.load_model(config, workdir)
+  test = data.category_test_set(config)
+  maps, scores = inference.maps_and_scores(config, model, test.images)
+  rule = inference.image_scores(config, {'m': maps['anoseg']})['m']
+  np.testing.assert_allclose(scores['anoseg'], rule, rtol=1e-6)
+  assert not np.allclose(scores['detector'], rule)  # Eq. 5, not the rule
+  assert (scores['detector'] >= 0).all()
+  # The compiled detector gives the final map and Eq. 5's score.
+  final_maps, final_scores = jax.jit(detector.detector_fn(config, model))(test.images[:5])
+  np.testing.assert_allclose(final_maps, maps['detector'][:5], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(final_scores, scores['detector'][:5], rtol=1e-4, atol=1e-7)
+
+
+def test_the_image_score_is_selectable_and_thresholds_follow_it(trained):
+  config, workdir, _ = trained
+  by_map = config.copy_and_resolve_references()
+  by_map.eval.image_score = 'map'
+  model = inference.load_model(by_map, workdir)
+  assert model.final_map == 'anoseg'
+  thresholds = calibration.ensure_thresholds(by_map, workdir, model)
+  assert thresholds['map'] == 'anoseg'
+  detector_thresholds = calibration.ensure_thresholds(config, workdir,
+                                                      inference.load_model(config, workdir))
+  assert detector_thresholds['map'] == 'detector'
+  assert detector_thresholds['image'] != thresholds['image']
+  changed = config.copy_and_resolve_references()
+  changed.detector.beta = 0.5
+  recomputed = calibration.ensure_thresholds(changed, workdir,
+                                             inference.load_model(changed, workdir))
+  assert recomputed['detector'] == changed.detector.to_dict()
+  assert recomputed['image'] != detector_thresholds['image']

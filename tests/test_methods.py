@@ -21,8 +21,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_unknown_method_names_the_known_ones():
-  with pytest.raises(ValueError, match="unknown method 'draem'; known methods: 'bauer', "
-                                       "'two_stage'"):
+  with pytest.raises(ValueError, match="unknown method 'draem'; known methods: 'anoseg', "
+                                       "'bauer', 'two_stage'"):
     methods.get('draem')
   config = bauer.get_config()
   config.method = 'draem'

@@ -174,11 +174,18 @@ def test_a_workdir_without_config_or_checkpoints_is_new(tmp_path):
 
 
 def test_per_run_keys_are_keys_of_the_configs_and_cover_their_subkeys():
-  config, _ = command_line('mvtec.py')
+  configs = [command_line(name)[0] for name in ('mvtec.py', 'anoseg.py')]
   for key in run_config.PER_RUN_KEYS:
-    node = config
-    for part in key.split('.'):
-      node = node[part]
+    found = False
+    for config in configs:
+      node = config
+      for part in key.split('.'):
+        if part not in node:
+          break
+        node = node[part]
+      else:
+        found = True
+    assert found, f'{key} is a key of no config'
   assert run_config.is_per_run('distributed.coordinator_address')
   assert run_config.is_per_run('xla_cpu_options.xla_cpu_use_thunk_runtime')
   assert not run_config.is_per_run('train.num_steps')

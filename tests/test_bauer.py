@@ -162,7 +162,8 @@ def test_patch_distortion_as_a_third_generator_for_the_two_stage_model():
     ('loss.objective', 2, 'config.loss.objective = 2 must be 1 or 3'),
     ('loss.lam', 1.5, 'config.loss.lam = 1.5 must be in'),
     ('stage', '2', "config.stage = '2' must be 'both' or '1' for method 'bauer'"),
-    ('method', 'draem', "unknown method 'draem'; known methods: 'anoseg', 'bauer', 'two_stage'"),
+    ('method', 'draem',
+     "unknown method 'draem'; known methods: 'anoseg', 'bauer', 'two_stage', 'utad'"),
     ('image_size', 36, 'config.image_size = 36 must be a multiple of 8'),
 ])
 def test_bad_bauer_values_are_named(key, value, message):

@@ -33,7 +33,8 @@ def test_a_misspelt_config_key_is_one_line_with_a_suggestion(tmp_path):
 
 def test_invalid_values_are_listed_before_any_work(tmp_path):
   stderr = run_main(tmp_path / 'run', '--config.train.num_steps=-5', '--config.method=draem')
-  assert "error: unknown method 'draem'; known methods: 'anoseg', 'bauer', 'two_stage'" in stderr
+  assert ("error: unknown method 'draem'; known methods: 'anoseg', 'bauer', 'two_stage', "
+          "'utad'") in stderr
   stderr = run_main(tmp_path / 'run', '--config.train.num_steps=-5')
   assert 'config.train.num_steps = -5 must be positive' in stderr
   assert not os.path.exists(tmp_path / 'run')

@@ -22,7 +22,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_unknown_method_names_the_known_ones():
   with pytest.raises(ValueError, match="unknown method 'draem'; known methods: 'anoseg', "
-                                       "'bauer', 'two_stage'"):
+                                       "'bauer', 'two_stage', 'utad'"):
     methods.get('draem')
   config = bauer.get_config()
   config.method = 'draem'

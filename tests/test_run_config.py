@@ -174,7 +174,7 @@ def test_a_workdir_without_config_or_checkpoints_is_new(tmp_path):
 
 
 def test_per_run_keys_are_keys_of_the_configs_and_cover_their_subkeys():
-  configs = [command_line(name)[0] for name in ('mvtec.py', 'anoseg.py')]
+  configs = [command_line(name)[0] for name in ('mvtec.py', 'anoseg.py', 'utad.py')]
   for key in run_config.PER_RUN_KEYS:
     found = False
     for config in configs:

@@ -52,13 +52,18 @@ class AdversarialState(flax.struct.PyTreeNode):
                               else self.discriminator.batch_stats)}
 
 
-def create(model: nn.Module, key: jax.Array, inputs: jax.Array,
+def create(model: nn.Module, key: jax.Array, inputs: jax.Array | tuple[jax.Array, ...],
            tx: optax.GradientTransformation) -> TrainState:
-  """Fresh variables of `model` for inputs shaped like `inputs`, and `tx`'s state."""
+  """Fresh variables of `model` for inputs shaped like `inputs`, and `tx`'s state.
+
+  A tuple of `inputs` are the model's positional inputs; a model without
+  BatchNorm gets empty `batch_stats`.
+  """
+  inputs = inputs if isinstance(inputs, tuple) else (inputs,)
   # Jitted: run op by op, init would compile every layer's ops separately.
-  variables = jax.jit(lambda k, x: model.init(k, x, train=False))(key, inputs)
+  variables = jax.jit(lambda k, x: model.init(k, *x, train=False))(key, inputs)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables['batch_stats'], tx=tx)
+                           batch_stats=variables.get('batch_stats', {}), tx=tx)
 
 
 def update(state: TrainState, loss_fn: LossFn) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -63,6 +63,7 @@ PER_RUN_KEYS = (
     'refine.superpixels',
     'detector.alpha',
     'detector.beta',
+    'perceptual',
     'export',
 )
 

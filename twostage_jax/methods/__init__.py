@@ -7,8 +7,9 @@ from twostage_jax.methods.anoseg import AnoSeg
 from twostage_jax.methods.base import Method
 from twostage_jax.methods.bauer import Bauer
 from twostage_jax.methods.two_stage import TwoStage
+from twostage_jax.methods.utad import UTAD
 
-_REGISTRY: dict[str, Method] = {method.name: method for method in (TwoStage(), Bauer(), AnoSeg())}
+_REGISTRY: dict[str, Method] = {method.name: method for method in (TwoStage(), Bauer(), AnoSeg(), UTAD())}
 NAMES = tuple(sorted(_REGISTRY))
 
 

@@ -1,7 +1,7 @@
 """Host-side training inputs of the methods.
 
-DRAEM Perlin blends, SAIM superpixels, Bauer's patch distortion and AnoSeg's
-hard-augmented CutPaste.
+DRAEM Perlin blends, SAIM superpixels, Bauer's patch distortion, AnoSeg's
+hard-augmented CutPaste, and the plain normal images UTAD trains on.
 """
 
 from twostage_jax.synthesis.augment import AUGMENTERS
@@ -15,6 +15,7 @@ from twostage_jax.synthesis.pseudo_anomaly import PseudoAnomalySynthesizer
 from twostage_jax.synthesis.pseudo_anomaly import superpixel_paste
 from twostage_jax.synthesis.samples import CutPasteSampler
 from twostage_jax.synthesis.samples import DistortionSampler
+from twostage_jax.synthesis.samples import NormalSampler
 from twostage_jax.synthesis.samples import PseudoAnomalySampler
 from twostage_jax.synthesis.samples import augment_settings
 from twostage_jax.synthesis.source_store import SourceStore
@@ -30,6 +31,7 @@ __all__ = [
     'CutPasteSampler',
     'DistortionSampler',
     'HardCutPaste',
+    'NormalSampler',
     'PatchDistorter',
     'PseudoAnomalySampler',
     'PseudoAnomalySynthesizer',

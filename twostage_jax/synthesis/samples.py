@@ -9,7 +9,8 @@ the category's entry of `augment_by_category`), then
 - `DistortionSampler` (Bauer's autoencoder): a patch distortion X̂ of the
   image X, its mask M, and X itself as the target;
 - `CutPasteSampler` (AnoSeg): a patch of a hard-augmented copy of the image
-  pasted into it, and its mask.
+  pasted into it, and its mask;
+- `NormalSampler` (UTAD): the normal image alone.
 """
 
 import ml_collections
@@ -96,3 +97,15 @@ class CutPasteSampler:
     """float32 'image' (H, W, 3) and 'mask' (H, W), 1 = anomaly."""
     image, mask = self._synthesize(_augmented(image, rng, self._augment), rng)
     return {'image': image, 'mask': mask}
+
+
+class NormalSampler:
+  """Turns a normal image into {'image'}: methods that learn from normal images alone."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self._augment = augment_settings(config)
+
+  def __call__(self, image: np.ndarray, rng: np.random.Generator
+               ) -> dict[str, np.ndarray]:
+    """float32 'image' (H, W, 3), augmented geometrically."""
+    return {'image': np.clip(_augmented(image, rng, self._augment), 0.0, 1.0, dtype=np.float32)}

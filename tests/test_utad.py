@@ -578,3 +578,16 @@ def test_the_maps_are_equation_8_on_vgg_features(vgg_weights, config, images, st
                   + phi(m, features(out['naive_impression'])))
   assert float(expert_terms.mean()) > 1e-3
   np.testing.assert_allclose(both['utad'] - both['impression'], expert_terms, atol=1e-5)
+
+
+@pytest.mark.parametrize('rate, expected', [(None, 1e-3), (0.01, 0.01)])
+def test_ie_net_takes_its_own_learning_rate_or_the_training_one(rate, expected):
+  config = small_config()
+  config.ie_net.learning_rate = rate
+  state = METHOD.create_state(config, train_state.prng_key(0), 1)
+  ones = jax.tree.map(jnp.ones_like, state.params)
+  updates, _ = state.tx.update(ones, state.opt_state, state.params)
+  # SGD's first step from an empty momentum trace is -rate * gradient.
+  for update in jax.tree.leaves(updates):
+    np.testing.assert_allclose(update, -expected, rtol=1e-6)
+  assert config.train.learning_rate == 1e-3

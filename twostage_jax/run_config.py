@@ -33,12 +33,14 @@ CONFIG_NAME = 'config.json'
 # Where training keeps each stage's checkpoints: <workdir>/checkpoints/<stage>.
 CHECKPOINTS_NAME = 'checkpoints'
 
-# Settings an existing workdir's command may change: how a run logs, feeds
+# Settings an existing workdir's command may change: which stages it trains
+# (stage 2 on a workdir whose stage 1 was trained alone), how a run logs, feeds
 # and compiles, which checkpoints it evaluates, how it scores and thresholds,
 # where it predicts and what it exports for, and where the refinement's SLIC
 # runs (the same algorithm on host or device; superpixels.py). A key covers
 # the keys below it.
 PER_RUN_KEYS = (
+    'stage',
     'train.log_every',
     'train.num_workers',
     'train.prefetch_batches',

@@ -76,6 +76,8 @@ class UTAD(base.Method):
       ('ie_net.information_weight', lambda v: v >= 0, '0 or more'),
       ('ie_net.kl_weight', lambda v: v >= 0, '0 or more'),
       ('ie_net.momentum', lambda v: 0 <= v < 1, 'in [0, 1)'),
+      ('ie_net.learning_rate', lambda v: v is None or v > 0,
+       'positive, or None (= train.learning_rate)'),
       ('expert.encoder_widths', lambda v: len(v) > 0 and all(w > 0 for w in v),
        'a non-empty list of positive widths'),
       ('expert.residual_blocks', lambda v: v >= 0, '0 or more'),
@@ -142,12 +144,18 @@ class UTAD(base.Method):
 
   def create_state(self, config: ml_collections.ConfigDict, key: jax.Array,
                    stage: int) -> network_state.TrainState:
-    """IE-Net with SGD and momentum `ie_net.momentum`; Expert-Net with Adam (the paper's)."""
-    schedule = schedules.learning_rate_schedule(config.train, schedules.stage_steps(config, stage))
+    """IE-Net with SGD and momentum `ie_net.momentum`; Expert-Net with Adam (the paper's).
+
+    IE-Net's rate is `ie_net.learning_rate`, or `train.learning_rate` when None.
+    """
+    steps = schedules.stage_steps(config, stage)
     images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
     if stage == 1:
+      schedule = schedules.learning_rate_schedule(config.train, steps,
+                                                  config.ie_net.learning_rate)
       return network_state.create(self._ie_net(config), key, images,
                                   optax.sgd(schedule, momentum=config.ie_net.momentum))
+    schedule = schedules.learning_rate_schedule(config.train, steps)
     return network_state.create(self._expert_net(config), key, (images, images),
                                 optax.adam(schedule))
 

@@ -160,3 +160,11 @@ def test_bfloat16_compute_keeps_float32_parameters_and_output():
   for leaf in jax.tree.leaves(grads):
     assert leaf.dtype == jnp.float32
     assert np.all(np.isfinite(leaf))
+
+
+def test_mean_error_is_the_mean_absolute_or_squared_error_and_names_a_bad_norm():
+  predicted, target = jnp.array([[0.0, 1.0], [2.0, 4.0]]), jnp.array([[1.0, 1.0], [0.0, 1.0]])
+  assert float(losses.mean_error(predicted, target, 'l1')) == pytest.approx((1 + 0 + 2 + 3) / 4)
+  assert float(losses.mean_error(predicted, target, 'l2')) == pytest.approx((1 + 0 + 4 + 9) / 4)
+  with pytest.raises(ValueError, match="error norm 'l3' must be one of"):
+    losses.mean_error(predicted, target, 'l3')

@@ -10,17 +10,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-SEGMENTATION_NORMS = ('l1', 'l2')
+from twostage_jax import losses as shared_losses
+
+SEGMENTATION_NORMS = shared_losses.ERROR_NORMS
 
 
 def segmentation_loss(predicted: jax.Array, target: jax.Array, norm: str) -> jax.Array:
   """L_Seg of Eq. 2: the mean absolute ('l1') or squared ('l2') error of the maps."""
-  error = predicted.astype(jnp.float32) - target.astype(jnp.float32)
-  if norm == 'l1':
-    return jnp.mean(jnp.abs(error))
-  if norm == 'l2':
-    return jnp.mean(error ** 2)
-  raise ValueError(f'segmentation norm {norm!r} must be one of {SEGMENTATION_NORMS}')
+  return shared_losses.mean_error(predicted, target, norm)
 
 
 def masked_reconstruction_loss(images: jax.Array, reconstructions: jax.Array,

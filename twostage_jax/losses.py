@@ -1,5 +1,7 @@
 """Training objectives: SSIM, the two-stage model's SSIM + L2, Bauer's masked contrast.
 
+`mean_error` is the plain L1 / L2 error other objectives build on.
+
 SSIM follows DRAEM's and the two-stage model's PyTorch code: an 11x11
 Gaussian window (sigma 1.5) applied with zero "same" padding, C1 = 0.01^2,
 C2 = 0.03^2, averaged over the full map. dm-pix filters with "valid"
@@ -102,6 +104,19 @@ def ssim_l2_loss(prediction: jax.Array, target: jax.Array,
   ssim = jnp.mean(ssim_map(prediction, target, config))
   loss = config.l2_weight * l2 + config.ssim_weight * (1.0 - ssim)
   return loss, {'loss': loss, 'l2': l2, 'ssim': ssim}
+
+
+ERROR_NORMS = ('l1', 'l2')
+
+
+def mean_error(predicted: jax.Array, target: jax.Array, norm: str) -> jax.Array:
+  """The mean absolute ('l1') or squared ('l2') error, in float32."""
+  error = predicted.astype(jnp.float32) - target.astype(jnp.float32)
+  if norm == 'l1':
+    return jnp.mean(jnp.abs(error))
+  if norm == 'l2':
+    return jnp.mean(error ** 2)
+  raise ValueError(f'error norm {norm!r} must be one of {ERROR_NORMS}')
 
 
 OBJECTIVES = (1, 3)

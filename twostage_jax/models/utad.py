@@ -142,10 +142,10 @@ class IENet(nn.Module):
     block = functools.partial(InceptionBlock, bn_momentum=self.bn_momentum,
                               bn_epsilon=self.bn_epsilon, axis_name=self.axis_name,
                               dtype=self.dtype)
-    dense = functools.partial(nn.Dense, dtype=jnp.float32, param_dtype=jnp.float32)
     self.encoder = [block(width) for width in self.encoder_widths]
-    self.mlp = [dense(self.mlp_width), dense(self.mlp_width), dense(2 * self.latent_dim)]
-    self.statistics_layers = [dense(self.statistics_width) for _ in range(3)] + [dense(1)]
+    # The MLP and T compute in float32 (their inputs are cast to it).
+    self.mlp = [nn.Dense(self.mlp_width), nn.Dense(self.mlp_width), nn.Dense(2 * self.latent_dim)]
+    self.statistics_layers = [nn.Dense(self.statistics_width) for _ in range(3)] + [nn.Dense(1)]
     self.decoder = [block(width) for width in self.decoder_widths]
     self.to_image = nn.Conv(3, (1, 1), dtype=jnp.float32, param_dtype=jnp.float32)
 
@@ -312,11 +312,12 @@ class ExpertNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    encoder = functools.partial(ContentEncoder, tuple(self.encoder_widths), self.residual_blocks,
-                                self.dtype)
+    encoder = functools.partial(ContentEncoder, widths=tuple(self.encoder_widths),
+                                residual_blocks=self.residual_blocks, dtype=self.dtype)
     self.impression_encoder = encoder()  # E_X^A
     self.image_encoder = encoder()  # E_X^B
-    self.detail_encoder = DetailEncoder(tuple(self.detail_widths), self.detail_dim, self.dtype)
+    self.detail_encoder = DetailEncoder(widths=tuple(self.detail_widths), code_dim=self.detail_dim,
+                                        dtype=self.dtype)
     # One upsampling per halving of the encoders, back through their widths.
     self.decoder = AdaINDecoder(tuple(reversed(self.encoder_widths[:-1])), self.residual_blocks,
                                 self.mlp_width, self.dtype)

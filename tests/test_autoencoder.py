@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from layer_dtypes import conv_output_dtypes  # tests/layer_dtypes.py
+from layer_dtypes import conv_output_dtypes, float64_output_dtypes  # tests/layer_dtypes.py
 from twostage_jax import losses
 from twostage_jax.models import BauerAutoencoder
 
@@ -122,6 +122,13 @@ def test_training_updates_batch_stats_and_averages_them_over_the_data_axis(
   for whole, per_shard in zip(after, jax.tree.leaves(sharded['batch_stats'])):
     np.testing.assert_allclose(per_shard[0], whole, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(per_shard[1], whole, rtol=1e-4, atol=1e-6)
+
+
+def test_float64_compute_leaves_no_layer_in_float32(small_variables):
+  """compute_dtype float64 (the reference of tests/parallel_steps.py) reaches the output."""
+  x = jnp.zeros((2, 16, 16, 3), jnp.float32)
+  assert float64_output_dtypes(small_model(dtype=jnp.float64), small_variables, x) == {
+      jnp.dtype(jnp.float64)}
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_output(small_variables):

@@ -85,7 +85,10 @@ def test_loss_overrides_reach_stage_2_unless_stage_2_sets_its_own():
     ('calibration.pixel_quantile', 0.0, 'config.calibration.pixel_quantile = 0.0 must be'),
     ('train.device_prefetch', 0, 'config.train.device_prefetch = 0 must be at least 1'),
     ('model.compute_dtype', 'float16',
-     "config.model.compute_dtype = 'float16' must be 'auto', 'float32' or 'bfloat16'"),
+     "config.model.compute_dtype = 'float16' must be 'auto', 'float32', 'bfloat16' or "
+     "'float64'"),
+    # The tests run without 64-bit JAX, where float64 is refused.
+    ('model.compute_dtype', 'float64', 'float64 only with JAX_ENABLE_X64=1'),
 ])
 def test_bad_values_are_named(key, value, message):
   config = mvtec.get_config()

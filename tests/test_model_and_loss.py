@@ -11,7 +11,7 @@ from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 from configs import mvtec
-from layer_dtypes import conv_output_dtypes  # tests/layer_dtypes.py
+from layer_dtypes import conv_output_dtypes, float64_output_dtypes  # tests/layer_dtypes.py
 from twostage_jax import losses
 from twostage_jax.models import SegmentationNet, layers
 
@@ -160,6 +160,17 @@ def test_bfloat16_compute_keeps_float32_parameters_and_output():
   for leaf in jax.tree.leaves(grads):
     assert leaf.dtype == jnp.float32
     assert np.all(np.isfinite(leaf))
+
+
+def test_float64_compute_leaves_no_layer_in_float32():
+  """compute_dtype float64 (the reference of tests/parallel_steps.py) reaches the map."""
+  model = SegmentationNet(4, 0.9, 1e-5, axis_name=None)
+  x = jnp.zeros((2, 16, 16, 3), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0, impl='rbg'), x, train=False))
+  assert float64_output_dtypes(model.clone(dtype=jnp.float64), variables, x) == {
+      jnp.dtype(jnp.float64)}
+  # Without it, the last layer and the map compute in float32 (`precision.widen`).
+  assert jax.eval_shape(lambda v: model.apply(v, x, train=False), variables).dtype == jnp.float32
 
 
 def test_mean_error_is_the_mean_absolute_or_squared_error_and_names_a_bad_norm():

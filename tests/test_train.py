@@ -218,6 +218,11 @@ def test_compute_dtype_auto_is_float32_on_cpu_and_can_be_set():
   assert jax.default_backend() == 'cpu' and precision.compute_dtype(config) == jax.numpy.float32
   config.model.compute_dtype = 'bfloat16'
   assert methods.get(config.method).create_model(config, 1).dtype == jax.numpy.bfloat16
+  config.model.compute_dtype = 'float64'
+  with pytest.raises(ValueError, match="'float64' needs 64-bit JAX: set JAX_ENABLE_X64=1"):
+    precision.compute_dtype(config)
+  with jax.enable_x64(True):
+    assert precision.compute_dtype(config) == jax.numpy.float64
 
 
 @pytest.mark.parametrize('method', ['two_stage', 'bauer'])

@@ -349,22 +349,24 @@ def test_the_expert_nets_halvings_also_bound_the_image_size(weights_file):
 
 
 @functools.cache
-def compiled_step(stage, num_devices, information_weight):
+def compiled_step(stage, num_devices, information_weight, dtype):
   """The data-parallel step of `stage` on the first `num_devices` devices.
 
-  Built once per set of arguments (pass all three, positionally, so that a
+  Built once per set of arguments (pass all four, positionally, so that a
   call finds the cached one): each new wrapper compiles again, about 10 s
-  for IE-Net's step.
+  for IE-Net's step. `dtype` is the compute dtype (float64 under
+  `jax.enable_x64`).
   """
   config = small_config()
   config.ie_net.information_weight = information_weight
+  config.model.compute_dtype = dtype
   mesh = Mesh(np.array(jax.devices()[:num_devices]), (DATA_AXIS,))
   return mesh, parallel.data_parallel(METHOD.train_step(config, stage), mesh)
 
 
-def one_step(state, batch, stage, num_devices, information_weight=1.0):
+def one_step(state, batch, stage, num_devices, information_weight=1.0, dtype='float32'):
   """Host variables and metrics after one step of `state` on `batch`."""
-  mesh, step = compiled_step(stage, num_devices, information_weight)
+  mesh, step = compiled_step(stage, num_devices, information_weight, dtype)
   # A copy: the step donates its state.
   state = jax.device_put(jax.tree.map(np.array, state), parallel.replicated(mesh))
   new_state, metrics = step(state, jax.device_put(batch, parallel.batch_sharded(mesh)),
@@ -381,16 +383,18 @@ def one_step(state, batch, stage, num_devices, information_weight=1.0):
 IE_NET_SGD = optax.sgd(0.3, momentum=0.9)
 
 
-def sgd_state(stage):
-  """The stage's fresh state with SGD (IE_NET_SGD for IE-Net): a step linear in the gradient."""
+def sgd_state(stage, dtype='float32'):
+  """The stage's fresh state with SGD (IE_NET_SGD for IE-Net): a step linear in the gradient.
+
+  Its network computes in `dtype`; for float64, call under `jax.enable_x64`
+  and cast the state (`parallel_steps.float64`).
+  """
   tx = IE_NET_SGD if stage == 1 else parallel_steps.SGD
+  config = small_config()
+  config.model.compute_dtype = dtype
   state = fresh_state(stage)
-  return state.replace(tx=tx, opt_state=tx.init(state.params))
-
-
-def _distance(a, b, names):
-  """Euclidean distance of keyed variables a and b over `names`."""
-  return np.sqrt(sum(np.sum((a[n].astype(np.float64) - b[n]) ** 2) for n in names))
+  return state.replace(tx=tx, opt_state=tx.init(state.params),
+                       apply_fn=METHOD.create_model(config, stage).apply)
 
 
 @pytest.fixture(scope='module')
@@ -405,7 +409,7 @@ def images():
 
 def run_steps(state, batches, stage):
   """`state` after a step on each batch on one device, and each step's metrics."""
-  mesh, step = compiled_step(stage, 1, 1.0)
+  mesh, step = compiled_step(stage, 1, 1.0, 'float32')
   # A copy: the step donates its state.
   state = jax.device_put(jax.tree.map(np.array, state), parallel.replicated(mesh))
   history = []
@@ -453,44 +457,38 @@ def test_four_devices_equal_one_for_a_step(config, stage1_run, stage):
 
   Stage 1 pairs each image with the next one's code across devices and
   averages BatchNorm's statistics over them; stage 2 averages gradients.
-  The comparison is in norm, not elementwise: some gradients are sums over
-  every pixel of the batch whose exact value is 0 or nearly so (a
-  BatchNorm bias before the next convolution and BatchNorm in IE-Net, a
-  convolution bias before instance norm or AdaIN in Expert-Net, whose
-  change is float32 rounding alone), and no elementwise tolerance relative
-  to them holds: 4 and 1 devices differ by about 1e-5 (stage 1) and 1e-6
-  (stage 2) of the change in norm. The yardstick of an error is the
-  one-device step on a batch whose second half repeats the first, on 4
-  unlike images so that it is far from the right step. Stage 2 takes the
-  impressions of the IE-Net trained by `stage1_run`: an untrained one's
-  are flat (0.5 to within 1e-3), and instance norm of flat images makes
-  Expert-Net's first convolution ill-conditioned.
+  The step runs in float64, where the two layouts agree to LAYOUT_TOLERANCE
+  of the step (tests/parallel_steps.py says why and derives it). The
+  yardstick of an error is the one-device step on a batch whose second half
+  repeats the first, on 4 unlike images so that it is far from the right
+  step. Stage 2 takes the impressions of the IE-Net trained by
+  `stage1_run`: an untrained one's are flat (0.5 to within 1e-3), and
+  instance norm of flat images makes Expert-Net's first convolution
+  ill-conditioned.
   """
   assert jax.device_count() >= 4
   batch = {'image': jnp.asarray(smooth_images(4, SIZE, seed=3))}
   if stage == 2:
     batch = jax.jit(METHOD.stage_batch(config, 2))((stage1_run[0],), batch)
-  state = sgd_state(stage)
-  start = parallel_steps.keyed(train_state.variables_of(state))
-  four, metrics4 = one_step(state, batch, stage, 4)
-  one, metrics1 = one_step(state, batch, stage, 1)
-  repeated = jax.tree.map(lambda x: np.concatenate([x[:2], x[:2]]), batch)
-  half, _ = one_step(state, repeated, stage, 1)
+  with jax.enable_x64(True):
+    state = parallel_steps.float64(sgd_state(stage, 'float64'))
+    batch = parallel_steps.float64(batch)
+    start = parallel_steps.keyed(train_state.variables_of(state))
+    four, metrics4 = one_step(state, batch, stage, 4, 1.0, 'float64')
+    one, metrics1 = one_step(state, batch, stage, 1, 1.0, 'float64')
+    repeated = jax.tree.map(lambda x: np.concatenate([x[:2], x[:2]]), batch)
+    half, _ = one_step(state, repeated, stage, 1, 1.0, 'float64')
   assert metrics4.keys() == metrics1.keys() == METRICS[stage]
   for key in metrics1:
-    np.testing.assert_allclose(metrics4[key], metrics1[key], rtol=1e-4, err_msg=key)
+    np.testing.assert_allclose(metrics4[key], metrics1[key],
+                               rtol=parallel_steps.LAYOUT_TOLERANCE, err_msg=key)
   four, one, half = map(parallel_steps.keyed, (four, one, half))
-  names = [n for n in one if "'params'" in n]
-  change = _distance(one, start, names)
-  assert change > 1e-3  # the step trained the network
-  assert _distance(four, one, names) / change < 1e-4
-  assert _distance(half, one, names) / change > 5e-2  # what an error looks like
-  stats = [n for n in one if "'batch_stats'" in n]  # IE-Net's BatchNorm; none in Expert-Net
-  assert bool(stats) == (stage == 1)
-  if stats:
-    stats_change = _distance(one, start, stats)
-    assert stats_change > 1e-3
-    assert _distance(four, one, stats) / stats_change < 1e-4
+  # IE-Net has BatchNorm statistics, Expert-Net none.
+  collections = parallel_steps.groups(one)
+  assert list(collections) == (["['params']", "['batch_stats']"] if stage == 1
+                               else ["['params']"])
+  parallel_steps.assert_same_change(start, four, one)
+  parallel_steps.assert_changed_unlike(start, half, one, ["['params']"])
 
 
 def _network(params, prefix):
@@ -513,11 +511,11 @@ def test_the_statistics_network_learns_from_the_information_term_alone(config, i
   assert len(statistics) == 8  # 4 dense layers
   for name in statistics:
     np.testing.assert_array_equal(steps[0.0][name], start[name], err_msg=name)
-  assert _distance(steps[1.0], start, list(statistics)) > 1e-4
+  assert parallel_steps.distance(steps[1.0], start, list(statistics)) > 1e-4
   encoder = list(_network(start, 'encoder')) + list(_network(start, 'mlp'))
   for weight in (0.0, 1.0):
-    assert _distance(steps[weight], start, encoder) > 1e-4, weight
-  assert _distance(steps[0.0], steps[1.0], encoder) > 1e-2 * _distance(steps[0.0], start, encoder)
+    assert parallel_steps.distance(steps[weight], start, encoder) > 1e-4, weight
+  assert parallel_steps.distance(steps[0.0], steps[1.0], encoder) > 1e-2 * parallel_steps.distance(steps[0.0], start, encoder)
 
 
 def test_a_short_stage_1_run_lowers_the_reconstruction_loss(stage1_run):

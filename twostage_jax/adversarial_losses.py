@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from twostage_jax import losses as shared_losses
+from twostage_jax import precision
 
 SEGMENTATION_NORMS = shared_losses.ERROR_NORMS
 
@@ -30,8 +31,8 @@ def masked_reconstruction_loss(images: jax.Array, reconstructions: jax.Array,
   (they average per-device values) and equals it when the samples' normal
   areas are equal. A sample without normal pixels contributes 0.
   """
-  weights = jnp.broadcast_to(normal.astype(jnp.float32)[..., None], images.shape)
-  error = jnp.abs(images.astype(jnp.float32) - reconstructions.astype(jnp.float32))
+  weights = jnp.broadcast_to(precision.widen(normal)[..., None], images.shape)
+  error = jnp.abs(precision.widen(images) - precision.widen(reconstructions))
   axes = tuple(range(1, images.ndim))
   numerator = jnp.sum(weights * error, axis=axes)
   denominator = jnp.sum(weights, axis=axes)
@@ -46,7 +47,7 @@ def weighted_mean(values: jax.Array, weights: jax.Array, axis_name: str | None) 
   the devices (the step's pmean) is the weighted mean of the whole batch; 0
   when no sample has weight. `axis_name` None: this batch alone.
   """
-  weights = weights.astype(jnp.float32)
+  weights = precision.widen(weights)
   local = jnp.sum(values * weights)
   total = jnp.sum(weights)
   devices = 1.0
@@ -58,16 +59,16 @@ def weighted_mean(values: jax.Array, weights: jax.Array, axis_name: str | None) 
 
 def binary_cross_entropy(logits: jax.Array, label: float) -> jax.Array:
   """Per-sample -log sigmoid(logit) (label 1) or -log(1 - sigmoid(logit)) (label 0)."""
-  return optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32),
-                                            jnp.full(logits.shape, label, jnp.float32))
+  logits = precision.widen(logits)
+  return optax.sigmoid_binary_cross_entropy(logits, jnp.full(logits.shape, label, logits.dtype))
 
 
 def feature_distance(real: jax.Array, fake: jax.Array) -> jax.Array:
   """Per-sample mean squared difference of (B, F) discriminator features (L_fea, Eq. 5)."""
-  return jnp.mean((real.astype(jnp.float32) - fake.astype(jnp.float32)) ** 2, axis=-1)
+  return jnp.mean((precision.widen(real) - precision.widen(fake)) ** 2, axis=-1)
 
 
 def image_distance(images: jax.Array, reconstructions: jax.Array) -> jax.Array:
   """Per-sample mean squared error of (B, H, W, C) images (L_MSE of Eq. 5)."""
-  error = images.astype(jnp.float32) - reconstructions.astype(jnp.float32)
+  error = precision.widen(images) - precision.widen(reconstructions)
   return jnp.mean(error ** 2, axis=tuple(range(1, images.ndim)))

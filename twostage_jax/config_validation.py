@@ -1,5 +1,6 @@
 """Checks a run's config before any work starts, naming the offending key."""
 
+import jax
 import ml_collections
 
 from twostage_jax import data
@@ -28,8 +29,10 @@ _RULES: tuple[base.Rule, ...] = (
     ('calibration.holdout_fraction', lambda v: 0 <= v < 1, 'in [0, 1)'),
     ('calibration.image_quantile', lambda v: 0 < v <= 1, 'in (0, 1]'),
     ('calibration.pixel_quantile', lambda v: 0 < v <= 1, 'in (0, 1]'),
-    ('model.compute_dtype', lambda v: v == 'auto' or v in precision.COMPUTE_DTYPES,
-     "'auto', 'float32' or 'bfloat16'"),
+    ('model.compute_dtype',
+     lambda v: v == 'auto' or (v in precision.COMPUTE_DTYPES
+                               and (v != 'float64' or jax.config.jax_enable_x64)),
+     "'auto', 'float32', 'bfloat16' or 'float64' (float64 only with JAX_ENABLE_X64=1)"),
     ('eval.batch_size', lambda v: v > 0, 'positive'),
     ('eval.num_examples', lambda v: v >= 0, '0 or more'),
     ('eval.score_filter_size', lambda v: v > 0 and v % 2 == 1, 'a positive odd number'),

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from twostage_jax import precision
+
 
 def _blur_matrix(size: int, taps: jax.Array) -> jax.Array:
   """(size, size) matrix of a 1-D 'same' filtering with zero padding.
@@ -99,7 +101,7 @@ def ssim_l2_loss(prediction: jax.Array, target: jax.Array,
   Returns:
     The scalar loss and its two terms.
   """
-  prediction = prediction.astype(jnp.float32)
+  prediction = precision.widen(prediction)
   l2 = jnp.mean((prediction - target) ** 2)
   ssim = jnp.mean(ssim_map(prediction, target, config))
   loss = config.l2_weight * l2 + config.ssim_weight * (1.0 - ssim)
@@ -110,8 +112,8 @@ ERROR_NORMS = ('l1', 'l2')
 
 
 def mean_error(predicted: jax.Array, target: jax.Array, norm: str) -> jax.Array:
-  """The mean absolute ('l1') or squared ('l2') error, in float32."""
-  error = predicted.astype(jnp.float32) - target.astype(jnp.float32)
+  """The mean absolute ('l1') or squared ('l2') error, in at least float32."""
+  error = precision.widen(predicted) - precision.widen(target)
   if norm == 'l1':
     return jnp.mean(jnp.abs(error))
   if norm == 'l2':
@@ -149,14 +151,14 @@ def _weighted_error(weights: jax.Array, error: jax.Array,
 def _terms(output: jax.Array, target: jax.Array, distorted: jax.Array | None,
            mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Unweighted normal term and modified term (over M, or over D if given)."""
-  error = output.astype(jnp.float32) - target.astype(jnp.float32)
-  mask = jnp.broadcast_to(mask.astype(jnp.float32)[..., None], error.shape)
+  error = precision.widen(output) - precision.widen(target)
+  mask = jnp.broadcast_to(mask.astype(error.dtype)[..., None], error.shape)
   normal = 1.0 - mask
   normal_term = _weighted_error(normal, error, _per_sample_sum(normal))
   if distorted is None:
     modified_term = _weighted_error(mask, error, _per_sample_sum(mask))
   else:
-    difference = jnp.abs(distorted.astype(jnp.float32) - target.astype(jnp.float32))
+    difference = jnp.abs(precision.widen(distorted) - precision.widen(target))
     modified_term = _weighted_error(difference, error, _per_sample_sum(difference))
   return normal_term, modified_term
 

@@ -16,11 +16,13 @@ this is E[log D(joint)] + E[log(1 - D(marginal))]; it is at most 0, and
 import jax
 import jax.numpy as jnp
 
+from twostage_jax import precision
+
 
 def jsd_mutual_information(joint_logits: jax.Array, marginal_logits: jax.Array) -> jax.Array:
   """f-GAN's Jensen-Shannon estimate of I(x; z) from T's logits of joint and marginal pairs."""
-  return (jnp.mean(-jax.nn.softplus(-joint_logits.astype(jnp.float32)))
-          - jnp.mean(jax.nn.softplus(marginal_logits.astype(jnp.float32))))
+  return (jnp.mean(-jax.nn.softplus(-precision.widen(joint_logits)))
+          - jnp.mean(jax.nn.softplus(precision.widen(marginal_logits))))
 
 
 def gaussian_kl(mean: jax.Array, log_variance: jax.Array) -> jax.Array:
@@ -28,8 +30,8 @@ def gaussian_kl(mean: jax.Array, log_variance: jax.Array) -> jax.Array:
 
   Each position's code is a diagonal Gaussian of the last axis's size.
   """
-  mean = mean.astype(jnp.float32)
-  log_variance = log_variance.astype(jnp.float32)
+  mean = precision.widen(mean)
+  log_variance = precision.widen(log_variance)
   per_code = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(log_variance) - 1.0 - log_variance, -1)
   return jnp.mean(per_code)
 

@@ -58,6 +58,7 @@ from absl import app
 from absl import flags
 
 from twostage_jax import atomic_write
+from twostage_jax import precision
 
 try:
   from numpy._core import multiarray as _multiarray
@@ -315,7 +316,7 @@ class VGGFeatures(nn.Module):
     """Features of (B, H, W, 3) images: one (B, H / 2^(b-1), W / 2^(b-1), width) per block b."""
     mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
     std = jnp.asarray(IMAGENET_STD, jnp.float32)
-    x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
+    x = ((precision.widen(images) - mean) / std).astype(self.dtype)
     features = []
     for block, depth in enumerate(self.block_depths, start=1):
       if block > 1:
@@ -356,7 +357,7 @@ def feature_distance_maps(features_a: Sequence[jax.Array], features_b: Sequence[
   for layer, (a, b) in enumerate(zip(features_a, features_b)):
     if a.shape != b.shape:
       raise ValueError(f'layer {layer}: features of shape {a.shape} against {b.shape}')
-    distance = jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)), axis=-1)
+    distance = jnp.mean(jnp.abs(precision.widen(a) - precision.widen(b)), axis=-1)
     maps.append(jax.image.resize(distance, (distance.shape[0], size, size), 'linear'))
   return maps
 

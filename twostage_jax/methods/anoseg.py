@@ -48,12 +48,13 @@ _STAGE1_MAP = 'anoseg_map'
 
 def _normal(mask: jax.Array) -> jax.Array:
   """The paper's mask A (1 = normal) of a mask with 1 on anomalous pixels."""
-  return 1.0 - mask.astype(jnp.float32)
+  return 1.0 - precision.widen(mask)
 
 
 def _pair(images: jax.Array, masks: jax.Array) -> jax.Array:
   """concat(image, mask): what the discriminators judge, (B, H, W, 4)."""
-  return jnp.concatenate([images.astype(jnp.float32), masks.astype(jnp.float32)[..., None]], -1)
+  images, masks = precision.widen(images), precision.widen(masks)
+  return jnp.concatenate([images, masks.astype(images.dtype)[..., None]], -1)
 
 
 def _network(variables: base.Variables, name: str) -> base.Variables:

@@ -33,7 +33,7 @@ def reconstruction_error_map(reconstructions: jax.Array, images: jax.Array) -> j
   The paper's heatmap averages the per-channel reconstruction difference
   over the colour channels (and smooths it: `eval.map_sigma`).
   """
-  return jnp.mean(jnp.abs(reconstructions.astype(jnp.float32) - images), axis=-1)
+  return jnp.mean(jnp.abs(precision.widen(reconstructions) - images), axis=-1)
 
 
 def min_defect_area(config: ml_collections.ConfigDict) -> int:

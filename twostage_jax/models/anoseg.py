@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from twostage_jax import precision
 from twostage_jax.models import layers
 from twostage_jax.models.segmentation import DATA_AXIS
 
@@ -81,7 +82,7 @@ class UpDecoder(nn.Module):
   `widths[0]` is the first convolution's width; each later entry is the
   width of the convolution after one upsampling (the transposed convolution
   keeps the width it receives). The last layer is a 3x3 convolution to
-  `out_channels` with a sigmoid, computed in float32.
+  `out_channels` with a sigmoid, computed in at least float32.
   """
 
   widths: tuple[int, ...]
@@ -103,7 +104,8 @@ class UpDecoder(nn.Module):
                            use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)(x)
       x = nn.relu(norm()(x))
       x = nn.relu(norm()(_conv(features, 3, 1, 1, self.dtype)(x)))
-    x = _conv(self.out_channels, 3, 1, 1, jnp.float32, use_bias=True)(x.astype(jnp.float32))
+    out = precision.widened(self.dtype)
+    x = _conv(self.out_channels, 3, 1, 1, out, use_bias=True)(x.astype(out))
     return nn.sigmoid(x)
 
 
@@ -180,6 +182,7 @@ class Discriminator(nn.Module):
       if index > 0:
         x = norm()(x)
       x = nn.leaky_relu(x, self.leaky_slope)
-    features = x.astype(jnp.float32).reshape(x.shape[0], -1)
-    logits = _conv(1, 4, 2, 1, jnp.float32, use_bias=True)(x.astype(jnp.float32))
+    x = precision.widen(x)
+    features = x.reshape(x.shape[0], -1)
+    logits = _conv(1, 4, 2, 1, x.dtype, use_bias=True)(x)
     return logits.reshape(-1), features

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from twostage_jax import precision
 from twostage_jax.models import layers
 from twostage_jax.models.segmentation import DATA_AXIS
 
@@ -45,8 +46,8 @@ class BauerAutoencoder(nn.Module):
     axis_name: mapped axis over which batch statistics are averaged while
       training (None when the network runs outside a mapped context).
     dtype: compute dtype of the layers (bfloat16 for mixed precision);
-      parameters, the last layer and the returned reconstruction are
-      float32 either way.
+      parameters are float32, the last layer and the returned
+      reconstruction at least float32.
   """
 
   encoder_widths: Sequence[int]
@@ -92,5 +93,6 @@ class BauerAutoencoder(nn.Module):
       x = nn.relu(norm()(x))
       x = conv_bn_relu(x, 2 * features)
       x = conv_bn_relu(x, features)
-    x = layers.conv(3, (1, 1), jnp.float32)(x.astype(jnp.float32))
+    out = precision.widened(self.dtype)
+    x = layers.conv(3, (1, 1), out)(x.astype(out))
     return nn.sigmoid(x)

@@ -5,7 +5,7 @@ submodules they create belong to, and are named in, that parent.
 
 Mixed precision: `dtype` is the compute dtype. Parameters stay float32
 (`param_dtype`), so the optimizer updates float32 weights; BatchNorm always
-reduces its statistics in float32 and keeps float32 running averages.
+reduces its statistics in at least float32 and keeps float32 running averages.
 
 `max_pool_2x2` and `upsample_bilinear_2x` compute what `nn.max_pool` and
 `jax.image.resize` compute, in a form whose gradient XLA runs faster

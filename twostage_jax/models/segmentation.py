@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from twostage_jax import precision
 from twostage_jax.models import layers
 
 # Name of the mapped device axis; BatchNorm statistics are averaged over it.
@@ -28,8 +29,8 @@ class SegmentationNet(nn.Module):
     axis_name: mapped axis over which batch statistics are averaged while
       training (None when the network runs outside a mapped context).
     dtype: compute dtype of the layers (bfloat16 for mixed precision);
-      parameters, the last layer and the returned map are float32 either
-      way.
+      parameters are float32, the last layer and the returned map at least
+      float32 (`precision.widened`).
   """
 
   width: int
@@ -60,7 +61,8 @@ class SegmentationNet(nn.Module):
     x = layers.upsample_bilinear_2x(x)
     for features in (2 * w, 2 * w, w):
       x = conv_bn_relu(x, features)
-    # The last layer computes in float32 whatever `dtype`: bfloat16 keeps 8
-    # significant bits, which would tie millions of pooled pixels of the map.
-    x = layers.conv(1, (3, 3), jnp.float32)(x.astype(jnp.float32))
+    # The last layer computes in at least float32 whatever `dtype`: bfloat16
+    # keeps 8 significant bits, which would tie millions of pooled pixels of the map.
+    out = precision.widened(self.dtype)
+    x = layers.conv(1, (3, 3), out)(x.astype(out))
     return x[..., 0]

@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from twostage_jax import precision
 from twostage_jax.models import layers
 from twostage_jax.models.segmentation import DATA_AXIS
 
@@ -75,7 +76,7 @@ def adaptive_instance_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
     scale, bias: (B, C), per image (from its detail code).
     epsilon: added to the variance.
   """
-  x = x.astype(jnp.float32)
+  x = precision.widen(x)
   mean = jnp.mean(x, axis=(1, 2), keepdims=True)
   variance = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
   normalised = (x - mean) * jax.lax.rsqrt(variance + epsilon)
@@ -120,7 +121,7 @@ class IENet(nn.Module):
     statistics_width: width of T's three hidden layers.
     bn_momentum, bn_epsilon: BatchNorm's.
     axis_name: mapped axis over which batch statistics are averaged while training.
-    dtype: compute dtype; parameters, codes and the impression are float32.
+    dtype: compute dtype; parameters are float32, codes and the impression at least float32.
   """
 
   encoder_widths: tuple[int, ...]
@@ -143,18 +144,19 @@ class IENet(nn.Module):
                               bn_epsilon=self.bn_epsilon, axis_name=self.axis_name,
                               dtype=self.dtype)
     self.encoder = [block(width) for width in self.encoder_widths]
-    # The MLP and T compute in float32 (their inputs are cast to it).
+    # The MLP and T compute in at least float32 (their inputs are widened).
     self.mlp = [nn.Dense(self.mlp_width), nn.Dense(self.mlp_width), nn.Dense(2 * self.latent_dim)]
     self.statistics_layers = [nn.Dense(self.statistics_width) for _ in range(3)] + [nn.Dense(1)]
     self.decoder = [block(width) for width in self.decoder_widths]
-    self.to_image = nn.Conv(3, (1, 1), dtype=jnp.float32, param_dtype=jnp.float32)
+    self.to_image = nn.Conv(3, (1, 1), dtype=precision.widened(self.dtype),
+                            param_dtype=jnp.float32)
 
   def encode(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     """(mu, log sigma^2) of the code at each position, each (B, H/2^k, W/2^k, latent_dim)."""
     x = images.astype(self.dtype)
     for block in self.encoder:
       x = layers.max_pool_2x2(block(x, train))
-    x = x.astype(jnp.float32)
+    x = precision.widen(x)
     for layer in self.mlp[:-1]:
       x = nn.relu(layer(x))
     mean, log_variance = jnp.split(self.mlp[-1](x), 2, axis=-1)
@@ -165,12 +167,12 @@ class IENet(nn.Module):
     x = codes.astype(self.dtype)
     for block in self.decoder:
       x = block(nearest_upsample_2x(x), train)
-    return nn.sigmoid(self.to_image(x.astype(jnp.float32)))
+    return nn.sigmoid(self.to_image(precision.widen(x)))
 
   def statistics(self, images: jax.Array, codes: jax.Array) -> jax.Array:
     """T's logits (B, H/2^k, W/2^k) of (image patch, code) pairs at each position."""
-    x = jnp.concatenate([space_to_depth(images.astype(jnp.float32), self.patch_size),
-                         codes.astype(jnp.float32)], axis=-1)
+    x = jnp.concatenate([space_to_depth(precision.widen(images), self.patch_size),
+                         precision.widen(codes)], axis=-1)
     for layer in self.statistics_layers[:-1]:
       x = nn.relu(layer(x))
     return self.statistics_layers[-1](x)[..., 0]
@@ -247,7 +249,7 @@ class DetailEncoder(nn.Module):
     x = nn.relu(_ReflectConv(self.widths[0], 7, dtype=self.dtype)(images.astype(self.dtype)))
     x = nn.relu(_ReflectConv(self.widths[1], 4, 2, dtype=self.dtype)(x))
     x = _ReflectConv(self.code_dim, 4, 2, dtype=self.dtype)(x)
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return jnp.mean(precision.widen(x), axis=(1, 2))
 
 
 class AdaINDecoder(nn.Module):
@@ -268,7 +270,7 @@ class AdaINDecoder(nn.Module):
   def __call__(self, content: jax.Array, code: jax.Array) -> jax.Array:
     width = content.shape[-1]
     count = 2 * self.residual_blocks  # two AdaIN layers per block
-    x = code.astype(jnp.float32)
+    x = precision.widen(code)
     for _ in range(2):
       x = nn.relu(nn.Dense(self.mlp_width)(x))
     adain = nn.Dense(2 * count * width)(x).reshape(code.shape[0], count, 2, width)
@@ -280,10 +282,10 @@ class AdaINDecoder(nn.Module):
       y = adaptive_instance_norm(y, 1.0 + adain[:, 2 * i + 1, 0], adain[:, 2 * i + 1, 1])
       x = (x + y).astype(self.dtype)
     for features in self.upsample_widths:
-      y = _ReflectConv(features, 5, dtype=self.dtype)(nearest_upsample_2x(x)).astype(jnp.float32)
+      y = precision.widen(_ReflectConv(features, 5, dtype=self.dtype)(nearest_upsample_2x(x)))
       y = nn.LayerNorm(reduction_axes=(1, 2, 3), feature_axes=-1)(y)
       x = nn.relu(y).astype(self.dtype)
-    return nn.sigmoid(_ReflectConv(3, 7, dtype=self.dtype)(x).astype(jnp.float32))
+    return nn.sigmoid(precision.widen(_ReflectConv(3, 7, dtype=self.dtype)(x)))
 
 
 class ExpertNet(nn.Module):

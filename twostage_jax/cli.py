@@ -99,7 +99,7 @@ def run_all_categories(config: ml_collections.ConfigDict, workdir: str, mode: st
     out_dir = os.path.join(workdir, 'eval')
     atomic_write.write_json(os.path.join(out_dir, 'summary.json'), results)
     figures = {f'{r["category"]}: test images': f'../{r["category"]}/eval/examples.png'
-               for r in results}
+               for r in results if config.eval.num_examples > 0}
     atomic_write.write_text(os.path.join(out_dir, 'report.md'),
                             report.markdown_report(results, 'Evaluation: all categories', figures))
   print(report.format_table(results), flush=True)

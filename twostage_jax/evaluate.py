@@ -55,7 +55,11 @@ def _write_figures(out_dir: str, config: ml_collections.ConfigDict, test: data.T
                    maps: dict[str, np.ndarray], scores: dict[str, np.ndarray],
                    final: str, pixel_threshold: float, threshold_source: str
                    ) -> dict[str, str]:
-  """roc.png, pro.png and examples.png; returns {title: file name}."""
+  """roc.png, pro.png and, unless eval.num_examples is 0, examples.png.
+
+  Returns:
+    {title: file name} of the figures written.
+  """
   category = config.category
   report.plot_roc(
       os.path.join(out_dir, 'roc.png'),
@@ -66,6 +70,9 @@ def _write_figures(out_dir: str, config: ml_collections.ConfigDict, test: data.T
       os.path.join(out_dir, 'pro.png'),
       {k: _thin(metrics.pro_curve(v, test.masks, PRO_MAX_FPR)) for k, v in maps.items()},
       PRO_MAX_FPR, title=f'{category}: per-region overlap')
+  figures = {'ROC curves': 'roc.png', 'PRO curves': 'pro.png'}
+  if config.eval.num_examples == 0:
+    return figures
   indices = np.concatenate(report.select_examples(
       scores[final], test.labels, config.eval.num_examples))
   report.plot_examples(
@@ -73,7 +80,7 @@ def _write_figures(out_dir: str, config: ml_collections.ConfigDict, test: data.T
       scores[final], test.labels, list(test.paths), indices, pixel_threshold,
       title=f'{category}: worst and best test images ({final} map; pixel threshold '
             f'{pixel_threshold:.3g} from {threshold_source})')
-  return {'ROC curves': 'roc.png', 'PRO curves': 'pro.png', 'Test images': 'examples.png'}
+  return {**figures, 'Test images': 'examples.png'}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,

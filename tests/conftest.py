@@ -8,6 +8,8 @@ runs, a second JAX process, pytest-xdist's workers) inherit it:
 - XLA_FLAGS gets 8 simulated devices, keeping what else it holds (run the
   suite under `XLA_FLAGS=--xla_cpu_max_isa=AVX2` to compute with another
   processor's kernels);
+- XLA compiles for speed of compiling (tests/compile_speed.py), unless
+  XLA_FLAGS sets the options itself;
 - the demo datasets and anomaly-source stores go to one cache folder for the
   session ($TWOSTAGE_JAX_CACHE), built once and shared by every test that
   does not test the cache itself, never to the user's ~/.cache;
@@ -20,9 +22,11 @@ import os
 import shutil
 import tempfile
 
-import child_env  # tests/child_env.py
+import child_process  # tests/child_process.py
+import compile_speed  # tests/compile_speed.py
 
-os.environ['XLA_FLAGS'] = child_env.xla_flags(8, os.environ.get('XLA_FLAGS', ''))
+os.environ['XLA_FLAGS'] = child_process.xla_flags(
+    8, compile_speed.xla_flags(os.environ.get('XLA_FLAGS', '')))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 _SESSION_VARIABLE = 'TWOSTAGE_JAX_TEST_SESSION'
@@ -43,3 +47,7 @@ def pytest_unconfigure(config):
   del config
   if _OWNS_SESSION_FOLDER:
     shutil.rmtree(SESSION_FOLDER, ignore_errors=True)
+
+
+# Session fixtures of tests/tiny_runs.py, imported after the environment above is set.
+from tiny_runs import two_stage_run  # pylint: disable=wrong-import-position,unused-import

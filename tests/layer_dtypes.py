@@ -6,9 +6,11 @@ import jax.numpy as jnp
 
 
 def conv_output_dtypes(model: nn.Module, variables, x) -> dict[int, set]:
-  """{output channels: dtypes} of every convolution of a forward pass."""
-  _, state = model.apply(variables, x, train=False, mutable=['intermediates'],
-                         capture_intermediates=lambda module, _: isinstance(module, nn.Conv))
+  """{output channels: dtypes} of every convolution of a forward pass (traced only)."""
+  _, state = jax.eval_shape(
+      lambda v: model.apply(v, x, train=False, mutable=['intermediates'],
+                            capture_intermediates=lambda module, _: isinstance(module, nn.Conv)),
+      variables)
   dtypes = {}
   for output in jax.tree.leaves(state['intermediates']):
     dtypes.setdefault(output.shape[-1], set()).add(output.dtype)

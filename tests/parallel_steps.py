@@ -48,7 +48,8 @@ from twostage_jax import train_step
 # SGD makes the update linear in the averaged gradient, so parameters after
 # the step compare at the precision of the gradient itself. (Adam divides
 # each element by its own magnitude: see tests/test_parallel.py.)
-SGD = optax.sgd(0.1)
+SGD_RATE = 0.1
+SGD = optax.sgd(SGD_RATE)
 
 # See the module docstring: 5 x 2^-29.
 LAYOUT_TOLERANCE = 1e-8

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import parallel_steps  # tests/parallel_steps.py
 from layer_dtypes import conv_output_dtypes, float64_output_dtypes  # tests/layer_dtypes.py
 from twostage_jax import losses
 from twostage_jax.models import BauerAutoencoder
@@ -93,19 +94,20 @@ def test_reconstruction_has_input_shape_values_in_unit_range_and_size_is_checked
     small_variables):
   model = small_model(axis_name='data')
   x = random_images((2, 64, 64, 3))
-  y = model.apply(small_variables, x, train=False)
+  y = jax.jit(functools.partial(model.apply, train=False))(small_variables, x)
   assert y.shape == (2, 64, 64, 3)
   assert y.dtype == jnp.float32
   assert bool(jnp.all((y >= 0.0) & (y <= 1.0)))
   with pytest.raises(ValueError, match=r'multiples of 8 .*got 60x60'):
-    model.apply(small_variables, jnp.ones((2, 60, 60, 3)), train=False)
+    jax.eval_shape(functools.partial(model.apply, train=False), small_variables,
+                   jnp.ones((2, 60, 60, 3)))
 
 
 def test_training_updates_batch_stats_and_averages_them_over_the_data_axis(
     small_variables):
   x = random_images((4, 16, 16, 3))
-  _, updates = small_model().apply(
-      small_variables, x, train=True, mutable=['batch_stats'])
+  _, updates = jax.jit(functools.partial(small_model().apply, train=True,
+                                         mutable=['batch_stats']))(small_variables, x)
   before = jax.tree.leaves(small_variables['batch_stats'])
   after = jax.tree.leaves(updates['batch_stats'])
   assert len(after) == len(before) > 0
@@ -113,15 +115,22 @@ def test_training_updates_batch_stats_and_averages_them_over_the_data_axis(
     assert not np.allclose(old, new)
 
   # Two shards of two images under a named axis give the statistics of the
-  # whole batch of four.
-  def shard_step(shard):
-    return small_model(axis_name='data').apply(
-        small_variables, shard, train=True, mutable=['batch_stats'])[1]
-
-  sharded = jax.vmap(shard_step, axis_name='data')(x.reshape((2, 2) + x.shape[1:]))
-  for whole, per_shard in zip(after, jax.tree.leaves(sharded['batch_stats'])):
-    np.testing.assert_allclose(per_shard[0], whole, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(per_shard[1], whole, rtol=1e-4, atol=1e-6)
+  # whole batch of four: two layouts of one computation, compared in float64
+  # to the tolerance tests/parallel_steps.py derives for them.
+  with jax.enable_x64(True):
+    variables, x64 = parallel_steps.float64(small_variables), parallel_steps.float64(x)
+    model = small_model(axis_name='data', dtype=jnp.float64)
+    whole = jax.jit(lambda v, y: model.clone(axis_name=None).apply(
+        v, y, train=True, mutable=['batch_stats'])[1])(variables, x64)
+    sharded = jax.jit(jax.vmap(
+        lambda v, shard: model.apply(v, shard, train=True, mutable=['batch_stats'])[1],
+        in_axes=(None, 0), axis_name='data'))(variables, x64.reshape((2, 2) + x.shape[1:]))
+  start = parallel_steps.keyed(variables['batch_stats'])
+  whole = parallel_steps.keyed(whole['batch_stats'])
+  for shard in (0, 1):
+    parallel_steps.assert_same_change(
+        start, parallel_steps.keyed(jax.tree.map(lambda a, i=shard: a[i], sharded['batch_stats'])),
+        whole, prefixes=('',))
 
 
 def test_float64_compute_leaves_no_layer_in_float32(small_variables):

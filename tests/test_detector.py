@@ -9,76 +9,66 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
+import float32_tolerance  # tests/float32_tolerance.py
+
 from twostage_jax import Detector
 from twostage_jax import calibration
 from twostage_jax import detector
 from twostage_jax import inference
-from twostage_jax import run_config
-from twostage_jax import train
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """(config, workdir) of a tiny run that trained both stages, with device superpixels."""
-  config = demo.get_config()
-  config.update_from_flattened_dict({
-      'cache_dir': str(tmp_path_factory.mktemp('cache')), 'image_size': 32,
-      'model.width': 4, 'demo.num_train': 20, 'demo.num_test_good': 3,
-      'demo.num_test_per_defect': 1, 'train.num_workers': 0, 'train.num_steps': 3,
-      'train.log_every': 3, 'train.checkpoint_every': 3, 'train.tensorboard': False,
-      'eval.batch_size': 4, 'refine.threshold_rule': 'relative',
-      'refine.superpixels': 'device', 'export.platforms': ('cpu',),
-  })
-  workdir = str(tmp_path_factory.mktemp('run'))
-  run_config.save(config, workdir)
-  for stage in (1, 2):
-    train.train(config, workdir, stage)
-  return config, workdir
 
 
 def images(count, size=32, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), np.uint8)
 
 
-def test_the_detector_gives_the_evaluation_maps_and_scores(trained):
-  config, workdir = trained
+@pytest.fixture(scope='module')
+def in_process(two_stage_run):
+  """The shared run's detector function, jitted once for the tests here."""
+  config, workdir, _ = two_stage_run
+  return jax.jit(detector.detector_fn(config, inference.load_model(config, workdir)))
+
+
+@pytest.fixture(scope='module')
+def export_folder(two_stage_run):
+  """The shared run's export, written once for the tests here."""
+  config, workdir, _ = two_stage_run
+  return detector.export(config, workdir)
+
+
+def test_the_detector_gives_the_evaluation_maps_and_scores(two_stage_run, in_process):
+  config, workdir = two_stage_run[:2]
   model = inference.load_model(config, workdir)
   batch = images(5)
-  maps, scores = jax.jit(detector.detector_fn(config, model))(batch)
+  maps, scores = in_process(batch)
   expected = inference.anomaly_maps(config, model, batch)['combined']
-  np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(scores, inference.image_scores(config, {'m': expected})['m'],
-                             rtol=1e-5, atol=1e-7)
+  float32_tolerance.assert_same_function(maps, expected)
+  float32_tolerance.assert_same_function(
+      scores, inference.image_scores(config, {'m': expected})['m'])
 
 
-def test_export_equals_in_process_for_two_batch_sizes_and_says_what_a_caller_needs(trained):
-  config, workdir = trained
-  folder = detector.export(config, workdir)
-  with open(os.path.join(folder, detector.EXPORT_FILE), 'rb') as f:
+def test_export_equals_in_process_for_two_batch_sizes_and_says_what_a_caller_needs(
+    two_stage_run, in_process, export_folder):
+  workdir = two_stage_run[1]
+  with open(os.path.join(export_folder, detector.EXPORT_FILE), 'rb') as f:
     exported = jax.export.deserialize(bytearray(f.read()))
-  model = inference.load_model(config, workdir)
-  in_process = jax.jit(detector.detector_fn(config, model))
   for count in (2, 5):
     batch = images(count, seed=count)
     for got, want in zip(exported.call(batch), in_process(batch)):
-      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+      float32_tolerance.assert_same_function(got, want)
 
-  info = json.load(open(os.path.join(folder, detector.INFO_FILE)))
+  info = json.load(open(os.path.join(export_folder, detector.INFO_FILE)))
   stored = json.load(open(calibration.thresholds_path(workdir)))
   assert info['input_size'] == 32 and info['method'] == 'two_stage'
-  assert info['map'] == 'combined' and info['steps'] == {'stage1_step': 3, 'stage2_step': 3}
+  assert info['map'] == 'combined' and info['steps'] == {'stage1_step': 4, 'stage2_step': 4}
   assert info['thresholds'] == {'image': stored['image'], 'pixel': stored['pixel'],
                                 'image_quantile': 0.99, 'pixel_quantile': 0.999}
   assert info['platforms'] == ['cpu'] and info['version'] == '0.1.0'
 
 
-def test_loading_the_export_needs_only_jax(trained, tmp_path):
-  config, workdir = trained
-  folder = detector.export(config, workdir)
+def test_loading_the_export_needs_only_jax(in_process, export_folder, tmp_path):
   batch = images(3, seed=7)
   np.save(tmp_path / 'batch.npy', batch)
-  export_file = os.path.join(folder, detector.EXPORT_FILE)
+  export_file = os.path.join(export_folder, detector.EXPORT_FILE)
   others = ('twostage_jax', 'flax', 'orbax', 'ml_collections', 'optax')
   script = (
       'import sys, numpy as np, jax\n'
@@ -90,32 +80,29 @@ def test_loading_the_export_needs_only_jax(trained, tmp_path):
                           timeout=300, cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == '[]'
-  model = inference.load_model(config, workdir)
-  np.testing.assert_allclose(np.load(tmp_path / 'maps.npy'),
-                             jax.jit(detector.detector_fn(config, model))(batch)[0],
-                             rtol=1e-6, atol=1e-7)
+  float32_tolerance.assert_same_function(np.load(tmp_path / 'maps.npy'), in_process(batch)[0])
 
 
-def test_predict_answers_at_each_image_size_with_the_stored_thresholds(trained):
-  config, workdir = trained
-  detector.export(config, workdir)
+def test_predict_answers_at_each_image_size_with_the_stored_thresholds(two_stage_run,
+                                                                      export_folder):
+  workdir = two_stage_run[1]
   rng = np.random.default_rng(3)
   given = [rng.integers(0, 256, (40, 50), np.uint8),          # grey
            rng.random((20, 30, 4)).astype(np.float32),        # float RGBA
            rng.integers(0, 256, (32, 32, 3), np.uint8)]
   from_workdir = Detector.load(workdir).predict(given)
-  from_export = Detector.load(os.path.join(workdir, detector.EXPORT_DIR)).predict(given)
+  from_export = Detector.load(export_folder).predict(given)
   stored = json.load(open(calibration.thresholds_path(workdir)))
   for result in (from_workdir, from_export):
     assert [m.shape for m in result.maps] == [(40, 50), (20, 30), (32, 32)]
     np.testing.assert_array_equal(result.anomalous, result.scores >= stored['image'])
     for anomaly_map, mask in zip(result.maps, result.masks):
       np.testing.assert_array_equal(mask, anomaly_map >= stored['pixel'])
-  np.testing.assert_allclose(from_export.scores, from_workdir.scores, rtol=1e-6, atol=1e-7)
+  float32_tolerance.assert_same_function(from_export.scores, from_workdir.scores)
 
 
-def test_bad_inputs_name_the_problem(trained, tmp_path):
-  _, workdir = trained
+def test_bad_inputs_name_the_problem(two_stage_run, tmp_path):
+  _, workdir = two_stage_run[:2]
   with pytest.raises(FileNotFoundError, match=f'{tmp_path} is neither a trained workdir'):
     Detector.load(str(tmp_path))
   loaded = Detector.load(workdir)

@@ -40,10 +40,12 @@ def test_parameter_count_at_paper_width():
 def test_output_is_one_map_per_image_at_input_size():
   model = SegmentationNet(4, 0.9, 1e-5, axis_name=None)
   x = jnp.ones((2, 32, 48, 3))
-  variables = model.init(jax.random.key(0, impl='rbg'), x, train=False)
-  assert model.apply(variables, x, train=False).shape == (2, 32, 48)
+  # Traced only: shapes are all that is checked.
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0, impl='rbg'), x, train=False))
+  apply = lambda y: jax.eval_shape(lambda v: model.apply(v, y, train=False), variables)
+  assert apply(x).shape == (2, 32, 48)
   with pytest.raises(ValueError, match=r'multiples of 4 .*got 30x48'):
-    model.apply(variables, jnp.ones((2, 30, 48, 3)), train=False)
+    apply(jnp.ones((2, 30, 48, 3)))
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])

@@ -13,6 +13,8 @@ from twostage_jax import superpixels
 from twostage_jax.data import demo
 from twostage_jax.synthesis import superpixel
 
+import compile_speed  # tests/compile_speed.py
+
 
 def refine_config(**overrides):
   config = mvtec.get_config().refine
@@ -91,7 +93,8 @@ def test_tasad_rule_drops_the_background_level_and_saturates_above_one():
   maps[0, 4:8, 4:8] = 1.3  # level 331: saturates to 255, not the uint8 wrap to 75
   flags = np.asarray(refine.tasad_flags(jnp.asarray(maps), 0.95, 100))
   np.testing.assert_array_equal(flags[0], maps[0] > 1)
-  absolute = np.asarray(refine.threshold(jnp.asarray(maps), refine_config(threshold_rule='absolute', threshold=0.12)))
+  absolute = np.asarray(refine.threshold(
+      jnp.asarray(maps), refine_config(threshold_rule='absolute', threshold=0.12)))
   assert absolute.all()  # an absolute cut at the same level keeps the background
 
 
@@ -175,7 +178,8 @@ def test_device_and_host_superpixels_select_the_same_regions():
   images, maps = np.stack(images), np.stack(maps)
   slic = (config.n_segments, config.compactness, config.sigma)
   host = np.stack([superpixel.slic_labels(image, *slic) for image in images])
-  device = superpixels.slic_labels(jnp.asarray(images), *slic)
+  # 6 images of 128 x 128: compiled as users' are, to run fast.
+  device = compile_speed.at_xla_defaults(superpixels.slic_labels, images, *slic)(images)
   selected_host = np.asarray(refine.region(maps, host, config))
   selected_device = np.asarray(refine.region(maps, device, config))
   assert selected_host.any(axis=(1, 2)).all()

@@ -1,4 +1,4 @@
-"""Stage 2, the three-row evaluation, thresholds and prediction on one tiny trained run."""
+"""Stage 2, the three-row evaluation, thresholds and prediction on the shared tiny run."""
 
 import csv
 import json
@@ -11,76 +11,47 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import demo
 from twostage_jax import calibration
 from twostage_jax import cli
 from twostage_jax import data
 from twostage_jax import evaluate
 from twostage_jax import inference
+from twostage_jax import methods
 from twostage_jax import predict
 from twostage_jax import synthesis
 from twostage_jax import train
 from twostage_jax import train_state
+from twostage_jax.synthesis import superpixel
+
+from tiny_runs import two_stage_config  # tests/tiny_runs.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ['stage 1', 'stage 2', 'combined']
 
 
-def tiny_config(cache_dir, **extra):
-  config = demo.get_config()
-  config.update_from_flattened_dict({
-      'cache_dir': str(cache_dir),
-      'image_size': 32,
-      'model.width': 4,
-      'demo.num_train': 20,
-      'demo.num_test_good': 4,
-      'demo.num_test_per_defect': 2,
-      'train.num_workers': 0,
-      'train.num_steps': 4,
-      'train.log_every': 1,
-      'train.checkpoint_every': 2,
-      'eval.batch_size': 8,
-      'eval.num_examples': 2,
-      # A low bar so that stage 1 flags superpixels after only 4 steps.
-      'refine.threshold_rule': 'relative',
-      'synthesis.p_self_source': 0.3,
-      **extra,
-  })
-  return config
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """(config, workdir, results) of a run that trained both stages and evaluated."""
-  cache_dir = tmp_path_factory.mktemp('cache')
-  workdir = str(tmp_path_factory.mktemp('run'))
-  config = tiny_config(cache_dir)
-  for stage in (1, 2):
-    train.train(config, workdir, stage)
-  results = evaluate.evaluate(config, workdir)
-  return config, workdir, results
-
-
-def test_both_stages_train_on_l2_plus_ssim_with_their_own_checkpoints(trained):
-  _, workdir, _ = trained
+def test_both_stages_train_on_l2_plus_ssim_with_their_own_checkpoints(two_stage_run):
+  _, workdir, _ = two_stage_run
   assert sorted(os.listdir(train_state.checkpoint_dir(workdir, 1))) == ['2', '4']
   assert sorted(os.listdir(train_state.checkpoint_dir(workdir, 2))) == ['2', '4']
   records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert [r['stage'] for r in records] == [1] * 4 + [2] * 4
-  for record in records:  # paper 001: L2 + SSIM trains both networks
+  # Paper 001: L2 + SSIM trains both networks. The step adds the float32 terms, so
+  # the logged loss is their sum to a few roundings of 2^-24 (6e-8) of the terms,
+  # which are at most the loss: 1e-5 leaves a factor of 100.
+  for record in records:
     assert record['loss'] == pytest.approx(record['l2'] + 1 - record['ssim'], rel=1e-5)
 
 
-def test_stage2_alone_needs_stage1_and_names_the_workdir(trained, tmp_path):
-  config = trained[0].copy_and_resolve_references()
+def test_stage2_alone_needs_stage1_and_names_the_workdir(two_stage_run, tmp_path):
+  config = two_stage_run[0].copy_and_resolve_references()
   config.stage = '2'
   assert train.stages_to_train(config) == (2,)
   with pytest.raises(FileNotFoundError, match=f'no stage-1 checkpoint .*workdir {tmp_path}'):
     train.train(config, str(tmp_path), 2)
 
 
-def test_evaluation_reports_three_rows_and_writes_the_report(trained):
-  _, workdir, results = trained
+def test_evaluation_reports_three_rows_and_writes_the_report(two_stage_run):
+  _, workdir, results = two_stage_run
   assert list(results['rows']) == ROWS
   assert results['stage1_step'] == results['stage2_step'] == 4
   assert results['num_images'] == 4 + 3 * 2
@@ -99,19 +70,20 @@ def test_evaluation_reports_three_rows_and_writes_the_report(trained):
       assert image.size[0] > 200 and image.size[1] > 200
 
 
-def test_combined_map_is_the_sum_of_the_stage_maps(trained):
-  config, workdir, _ = trained
+def test_combined_map_is_the_sum_of_the_stage_maps(two_stage_run):
+  config, workdir, _ = two_stage_run
   model = inference.load_model(config, workdir)
   test = data.load_test_set(data.resolve_data_dir(config), config.category, config.image_size)
   maps = inference.anomaly_maps(config, model, test.images)
   assert list(maps) == ROWS
+  # One float32 addition in the program: within 2^-24 (6e-8) of the sum, at most 2 here.
   np.testing.assert_allclose(maps['combined'], maps['stage 1'] + maps['stage 2'], atol=1e-6)
   scores = inference.image_scores(config, maps)
   assert set(scores) == set(ROWS) and all(s.shape == (len(test.images),) for s in scores.values())
 
 
-def test_metrics_are_those_of_the_maps(trained):
-  config, workdir, results = trained
+def test_metrics_are_those_of_the_maps(two_stage_run):
+  config, workdir, results = two_stage_run
   model = inference.load_model(config, workdir)
   test = data.load_test_set(data.resolve_data_dir(config), config.category, config.image_size)
   maps = inference.anomaly_maps(config, model, test.images)
@@ -121,11 +93,11 @@ def test_metrics_are_those_of_the_maps(trained):
     assert results['rows'][row] == pytest.approx(expected)
 
 
-def test_thresholds_are_quantiles_of_the_held_out_normal_images(trained):
-  config, workdir, results = trained
+def test_thresholds_are_quantiles_of_the_held_out_normal_images(two_stage_run):
+  config, workdir, results = two_stage_run
   stored = json.load(open(calibration.thresholds_path(workdir)))
   assert stored == results['thresholds']
-  assert stored['num_holdout_images'] == 2  # 10% of 20 training images
+  assert stored['num_holdout_images'] == 4  # 20% of 20 training images
   _, held_out = data.training_images(config)
   model = inference.load_model(config, workdir)
   maps = inference.anomaly_maps(config, model, held_out)
@@ -157,8 +129,8 @@ def test_thresholds_are_quantiles_of_the_held_out_normal_images(trained):
 
 
 def test_evaluation_pairs_stage2_with_the_stage1_checkpoint_it_was_trained_on(
-    trained, tmp_path, caplog):
-  config, workdir, _ = trained
+    two_stage_run, tmp_path, caplog):
+  config, workdir, _ = two_stage_run
   assert train_state.provenance(config, workdir, 2, 4) == {'stage1_step': 4}
   run = str(tmp_path / 'run')
   shutil.copytree(os.path.join(workdir, 'checkpoints'), os.path.join(run, 'checkpoints'))
@@ -192,8 +164,8 @@ def test_holdout_split_is_fixed_disjoint_and_checked():
     data.split_holdout(10, 1.0, seed=0)
 
 
-def test_training_never_sees_the_held_out_images(trained):
-  config, _, _ = trained
+def test_training_never_sees_the_held_out_images(two_stage_run):
+  config, _, _ = two_stage_run
   kept, held_out = data.training_images(config)
   everything = data.load_train_images(data.resolve_data_dir(config), config.category,
                                       config.image_size)
@@ -202,10 +174,10 @@ def test_training_never_sees_the_held_out_images(trained):
   assert not any(image.tobytes() in kept_bytes for image in held_out)
 
 
-def test_self_sources_are_the_training_images_without_the_held_out_ones(trained):
-  config, _, _ = trained
+def test_self_sources_are_the_training_images_without_the_held_out_ones(two_stage_run):
+  config, _, _ = two_stage_run
   kept, held_out = data.training_images(config)
-  stores = os.path.join(config.cache_dir, 'sources')
+  stores = os.path.join(data.default_cache_dir(config.cache_dir), 'sources')
   [name] = [n for n in os.listdir(stores) if n.startswith(f'{config.category}-train-')]
   store = synthesis.SourceStore.open(os.path.join(stores, name))
   np.testing.assert_array_equal(store.images, kept)
@@ -213,9 +185,10 @@ def test_self_sources_are_the_training_images_without_the_held_out_ones(trained)
   assert len(held_out) > 0
 
 
-def test_a_stage1_only_run_reports_one_row(trained, tmp_path):
-  config, workdir, _ = trained
-  shutil.copytree(train_state.checkpoint_dir(workdir, 1), train_state.checkpoint_dir(str(tmp_path), 1))
+def test_a_stage1_only_run_reports_one_row(two_stage_run, tmp_path):
+  config, workdir, _ = two_stage_run
+  shutil.copytree(train_state.checkpoint_dir(workdir, 1),
+                  train_state.checkpoint_dir(str(tmp_path), 1))
   results = evaluate.evaluate(config, str(tmp_path))
   assert list(results['rows']) == ['stage 1']
   assert results['stage2_step'] is None and results['thresholds']['map'] == 'stage 1'
@@ -231,8 +204,8 @@ def write_mixed_folder(folder):
     f.write('not an image')
 
 
-def test_predict_writes_heatmaps_masks_and_scores(trained, tmp_path, caplog):
-  config, workdir, _ = trained
+def test_predict_writes_heatmaps_masks_and_scores(two_stage_run, tmp_path, caplog):
+  config, workdir, _ = two_stage_run
   config = config.copy_and_resolve_references()
   config.predict_dir = str(tmp_path / 'new')
   config.predict_output_dir = str(tmp_path / 'out')
@@ -255,8 +228,8 @@ def test_predict_writes_heatmaps_masks_and_scores(trained, tmp_path, caplog):
     assert row['decision'] == expected
 
 
-def test_predict_errors_name_the_problem(trained, tmp_path):
-  config, workdir, _ = trained
+def test_predict_errors_name_the_problem(two_stage_run, tmp_path):
+  config, workdir, _ = two_stage_run
   config = config.copy_and_resolve_references()
   with pytest.raises(ValueError, match='needs --config.predict_dir'):
     predict.predict(config, workdir)
@@ -272,7 +245,10 @@ def test_predict_errors_name_the_problem(trained, tmp_path):
 
 @pytest.mark.slow
 def test_all_categories_trains_one_model_each_and_summarises(tmp_path, capsys):
-  config = tiny_config(tmp_path / 'cache', category='all', **{'train.num_steps': 2})
+  # The shared run's programs, compiled once; no figures beyond the report's
+  # curves, no held-out maps in TensorBoard.
+  config = two_stage_config(category='all', **{'eval.num_examples': 0,
+                                                'train.tensorboard_images': 0})
   cli.run_all_categories(config, str(tmp_path / 'runs'), 'train')
   summary = json.load(open(tmp_path / 'runs' / 'eval' / 'summary.json'))
   assert [r['category'] for r in summary] == list(data.DEMO_CATEGORIES)
@@ -283,6 +259,10 @@ def test_all_categories_trains_one_model_each_and_summarises(tmp_path, capsys):
   expected = np.mean([r['rows']['combined']['pixel_auroc'] for r in summary])
   assert f'{expected:.4f}' in mean_line
   assert 'mean' in capsys.readouterr().out
+  # eval.num_examples 0: no example figure, and the report links none.
+  assert not (tmp_path / 'runs' / data.DEMO_CATEGORIES[0] / 'eval' / 'examples.png').exists()
+  assert 'examples.png' not in report_md
+  assert (tmp_path / 'runs' / data.DEMO_CATEGORIES[0] / 'eval' / 'roc.png').exists()
 
 
 def test_main_reports_file_problems_without_a_traceback(tmp_path):
@@ -296,3 +276,20 @@ def test_main_reports_file_problems_without_a_traceback(tmp_path):
   assert result.returncode == 1
   assert 'error: no images (.png' in result.stderr and str(tmp_path / 'empty') in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_host_superpixels_are_each_images_slic_labels_and_exports_use_the_device_ones():
+  """refine.superpixels='host' (the demo's): stage 2's labels come from the host
+  SLIC, image by image in batch order; an export swaps in the device SLIC."""
+  host = two_stage_config(**{'refine.superpixels': 'host'})
+  method = methods.get('two_stage')
+  images = (np.random.default_rng(0).random((5, 32, 32, 3)) * 255).astype(np.uint8)
+  batches = [b['labels'] for b in method.host_inputs(host, (1, 2), images, 2, 0)]
+  assert [len(b) for b in batches] == [2, 2, 1]
+  settings = {key: host.refine[key] for key in ('n_segments', 'compactness', 'sigma')}
+  np.testing.assert_array_equal(np.concatenate(batches),
+                                [superpixel.slic_labels(image, **settings) for image in images])
+  assert method.pure_config(host).refine.superpixels == 'device'
+  assert host.refine.superpixels == 'host'  # the run's own config is left as it is
+  device = two_stage_config()
+  assert method.pure_config(device) is device

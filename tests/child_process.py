@@ -6,6 +6,7 @@ than the test it is compared with) and sets only the number of simulated
 CPU devices.
 """
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -61,26 +62,21 @@ def run_together(commands: list[list[str]], envs: list[dict[str, str]], folder: 
   Their output goes to files in `folder`, not to pipes: a process whose pipe
   is full blocks, and the others then wait for it in a collective forever.
   """
-  processes, files = [], []
-  for i, (command, env) in enumerate(zip(commands, envs)):
-    out, err = (open(folder / f'process{i}.{name}', 'w+', encoding='utf-8')
-                for name in ('stdout', 'stderr'))
-    files.append((out, err))
-    processes.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=err,
-                                      text=True))
-  deadline = time.monotonic() + timeout
-  try:
-    for process in processes:
-      process.wait(timeout=max(deadline - time.monotonic(), 0))
-  except subprocess.TimeoutExpired:
-    for process in processes:
-      process.kill()
-    raise
-  finished = []
-  for process, (out, err) in zip(processes, files):
-    out.seek(0)
-    err.seek(0)
-    finished.append(Finished(process.returncode, out.read(), err.read()))
-    out.close()
-    err.close()
-  return finished
+  with contextlib.ExitStack() as files:
+    outputs = [[files.enter_context(open(folder / f'process{i}.{name}', 'w+', encoding='utf-8'))
+                for name in ('stdout', 'stderr')] for i in range(len(commands))]
+    processes = [subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=err, text=True)
+                 for command, env, (out, err) in zip(commands, envs, outputs)]
+    deadline = time.monotonic() + timeout
+    try:
+      for process in processes:
+        process.wait(timeout=max(deadline - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+      for process in processes:
+        process.kill()
+      raise
+    for output in outputs:
+      for file in output:
+        file.seek(0)
+    return [Finished(process.returncode, out.read(), err.read())
+            for process, (out, err) in zip(processes, outputs)]

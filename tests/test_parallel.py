@@ -15,7 +15,7 @@ from twostage_jax.models.segmentation import DATA_AXIS
 import child_process  # tests/child_process.py
 import parallel_steps  # tests/parallel_steps.py
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = child_process.ROOT
 
 
 def mesh_of(devices):

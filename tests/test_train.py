@@ -60,7 +60,7 @@ def uninterrupted(tmp_path_factory):
   """(config, workdir) of both stages trained by main.py on one device without interruption.
 
   The runs of the resume test use one device too: 8 simulated devices share
-  2 cores and would run their 60 steps several times slower.
+  2 cores and would run their 24 steps several times slower.
   """
   workdir = tmp_path_factory.mktemp('uninterrupted')
   values = overrides(**RESUME_VALUES)

@@ -67,6 +67,33 @@ def test_ssim_matches_scikit_image_gaussian_ssim(seed):
   assert np.abs(ours[0] - full[0]).max() > 1e-3
 
 
+def test_ssim_pads_its_window_with_zeros_as_the_papers_code():
+  """The SSIM loss keeps the papers' zero-padded window (unlike the maps' smoothing)."""
+  config = mvtec.get_config().loss
+  rng = np.random.default_rng(3)
+  a = rng.random((29, 31))
+  b = np.clip(a + 0.25 * rng.standard_normal(a.shape), 0, 1)
+  offsets = np.arange(config.ssim_window) - config.ssim_window // 2
+  taps = np.exp(-0.5 * (offsets / config.ssim_sigma) ** 2)
+  taps /= taps.sum()
+
+  def mean(x):
+    return ndimage.correlate1d(ndimage.correlate1d(x, taps, 0, mode='constant'), taps, 1,
+                               mode='constant')
+
+  c1, c2 = config.ssim_k1 ** 2, config.ssim_k2 ** 2
+  mu_a, mu_b = mean(a), mean(b)
+  var_a, var_b = mean(a * a) - mu_a ** 2, mean(b * b) - mu_b ** 2
+  covariance = mean(a * b) - mu_a * mu_b
+  expected = ((2 * mu_a * mu_b + c1) * (2 * covariance + c2)
+              / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
+  ours = losses.ssim_map(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), config)
+  # float32 window means of 121 values in [0, 1] round by at most 121 x 2^-24
+  # (7e-6); divided by variances of about 0.1: 1e-4 covers the worst case.
+  # Reflected padding would differ by up to 0.58 at the border.
+  np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
+
+
 def test_ssim_l2_loss_is_zero_for_identical_maps_and_grows_with_perturbation():
   config = mvtec.get_config().loss
   rng = np.random.default_rng(0)

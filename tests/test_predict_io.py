@@ -410,7 +410,7 @@ def _fake_compute(monkeypatch):
   """Replaces the held-out inference by a fixed result; returns its calls."""
   calls = []
 
-  def compute(config, model):
+  def compute(config, model, held_out=None):
     calls.append((config, model))
     return dict(_COMPUTED)
 

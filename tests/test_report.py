@@ -114,6 +114,41 @@ def test_markdown_report_of_stage_1_only_run():
   assert '**mean**' not in text
 
 
+def with_references():
+  """Both categories with their baseline rows; bottle's stage 2 flagged."""
+  results = two_categories()
+  for result, position in zip(results, (0.92, 0.60)):
+    result['references'] = {
+        report.BASELINE: metric_row(0.5, 0.5, 0.1, 0.05, 0.1, 0.8, 0.05),
+        report.POSITION_ONLY: metric_row(position, 0.5, 0.3, 0.1, 0.2, 0.8, 0.1)}
+    result['flagged'] = report.flagged_rows(result['rows'], result['references'])
+  return results
+
+
+def test_reference_rows_follow_each_categorys_rows_and_flags_are_explained():
+  results = with_references()
+  assert results[0]['flagged'] == {
+      'stage 1': 'pixel AUROC 0.9000 not above position only (0.9200)'}
+  assert results[1]['flagged'] == {}
+  lines = report.format_table(results).splitlines()
+  body = [line for line in lines[2:] if not line.startswith(('-', '!'))]
+  marked = [line.endswith('  !') for line in body]
+  body = [line.removesuffix('  !') for line in body]
+  assert [(line.split()[0], ' '.join(line.split()[1:-7])) for line in body] == [
+      ('bottle', 'stage 1'), ('bottle', 'stage 2'), ('bottle', 'combined'),
+      ('bottle', 'baseline'), ('bottle', 'position only'),
+      ('grid', 'stage 1'), ('grid', 'stage 2'), ('grid', 'baseline'), ('grid', 'position only'),
+      ('mean', 'stage 1'), ('mean', 'stage 2'), ('mean', 'baseline'), ('mean', 'position only')]
+  assert marked == [True] + [False] * 12
+  assert console_values(body[-1])[0] == pytest.approx((0.92 + 0.60) / 2)
+  assert '! bottle, stage 1: pixel AUROC 0.9000 not above position only (0.9200)' in lines
+  text = report.markdown_report(results, 'run')
+  assert '| bottle | stage 1 (flagged) | 0.9000 |' in text
+  assert '| grid | baseline | 0.5000 | 0.5000 |' in text
+  assert '- bottle, stage 1: pixel AUROC 0.9000 not above position only (0.9200)' in text
+  assert '**baseline**' in text and '**position only**' in text
+
+
 def test_select_examples_picks_misjudged_and_clear_images():
   # Normalised over [0.05, 0.95], the errors |label - s| are
   # 0.056, 0.944, 0.5 for the normal images and 0, 1, 0.389 for the defects.

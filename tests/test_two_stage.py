@@ -59,11 +59,19 @@ def test_evaluation_reports_three_rows_and_writes_the_report(two_stage_run):
     assert set(row) == {'pixel_auroc', 'image_auroc', 'pixel_aupro', 'pixel_ap',
                         'pixel_f1_max', 'image_f1_max', 'pixel_iou_max'}
     assert all(0 <= v <= 1 for v in row.values())
+  # The reference rows: a constant map reads 0.5; the mean held-out map is there.
+  references = results['references']
+  assert list(references) == ['baseline', 'position only']
+  assert references['baseline']['pixel_auroc'] == references['baseline']['image_auroc'] == 0.5
+  assert references['position only']['image_auroc'] == 0.5  # one map for all images
+  assert set(results['flagged']) <= set(ROWS)
   out = os.path.join(workdir, 'eval')
   assert json.load(open(os.path.join(out, 'metrics.json'))) == results
   report_md = open(os.path.join(out, 'report.md')).read()
   table = report_md.split('## Metrics')[1].split('\n## ')[0].splitlines()
-  assert [line.split(' | ')[1] for line in table if line.startswith('| weave |')] == ROWS
+  names = [line.split(' | ')[1].removesuffix(' (flagged)') for line in table
+           if line.startswith('| weave |')]
+  assert names == ROWS + ['baseline', 'position only']
   for name in ('roc.png', 'pro.png', 'examples.png'):
     assert f']({name})' in report_md
     with Image.open(os.path.join(out, name)) as image:

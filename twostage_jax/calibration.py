@@ -33,9 +33,18 @@ def thresholds_path(workdir: str) -> str:
   return os.path.join(workdir, 'checkpoints', 'thresholds.json')
 
 
-def compute_thresholds(config: ml_collections.ConfigDict,
-                       model: inference.TrainedModel) -> dict[str, Any]:
+HeldOut = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # maps and scores by map name
+
+
+def compute_thresholds(config: ml_collections.ConfigDict, model: inference.TrainedModel,
+                       held_out: HeldOut | None = None) -> dict[str, Any]:
   """Image and pixel thresholds of `model`'s final map on the held-out images.
+
+  Args:
+    config: the run's config.
+    model: the trained model.
+    held_out: the held-out images' maps and scores (`inference.maps_and_scores`)
+      when already computed.
 
   Raises:
     ValueError: if `calibration.holdout_fraction` is 0 (nothing held out).
@@ -44,13 +53,14 @@ def compute_thresholds(config: ml_collections.ConfigDict,
     raise ValueError(
         'decision thresholds need held-out normal images, but '
         'config.calibration.holdout_fraction is 0; retrain with a fraction > 0')
-  _, held_out = data.training_images(config)
-  maps, scores = inference.maps_and_scores(config, model, held_out)
+  if held_out is None:
+    held_out = inference.maps_and_scores(config, model, data.training_images(config)[1])
+  maps, scores = held_out
   final = model.final_map
   return {
       'image': float(np.quantile(scores[final], config.calibration.image_quantile)),
       'pixel': float(np.quantile(maps[final], config.calibration.pixel_quantile)),
-      'num_holdout_images': len(held_out),
+      'num_holdout_images': len(maps[final]),
       **_computed_for(config, model),
   }
 
@@ -81,8 +91,12 @@ def _is_current(thresholds: dict[str, Any], config: ml_collections.ConfigDict,
 
 
 def ensure_thresholds(config: ml_collections.ConfigDict, workdir: str,
-                      model: inference.TrainedModel) -> dict[str, Any]:
-  """The stored thresholds of `model`'s checkpoints; computed and stored if missing."""
+                      model: inference.TrainedModel,
+                      held_out: HeldOut | None = None) -> dict[str, Any]:
+  """The stored thresholds of `model`'s checkpoints; computed and stored if missing.
+
+  `held_out`: the held-out images' maps and scores, when already computed.
+  """
   path = thresholds_path(workdir)
   if os.path.exists(path):
     try:
@@ -97,7 +111,7 @@ def ensure_thresholds(config: ml_collections.ConfigDict, workdir: str,
     else:
       if _is_current(stored, config, model):
         return stored
-  thresholds = compute_thresholds(config, model)
+  thresholds = compute_thresholds(config, model, held_out)
   logging.info('decision thresholds from %d held-out normal images: image %.4g, pixel %.4g',
                thresholds['num_holdout_images'], thresholds['image'], thresholds['pixel'])
   if jax.process_index() == 0:

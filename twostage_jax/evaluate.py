@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from twostage_jax import atomic_write
+from twostage_jax import baselines
 from twostage_jax import calibration
 from twostage_jax import data
 from twostage_jax import inference
@@ -103,31 +104,40 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info('evaluating %s (%s) on %d test images', config.category,
                ', '.join(f'{k} {v}' for k, v in model.steps.items()), len(test.images))
   maps, scores = inference.maps_and_scores(config, model, test.images)
-  thresholds = None
+  final = model.final_map
+  held_out_maps, thresholds = None, None
   if config.calibration.holdout_fraction > 0:
-    thresholds = calibration.ensure_thresholds(config, workdir, model)
+    held_out = inference.maps_and_scores(config, model, data.training_images(config)[1])
+    held_out_maps = held_out[0][final]
+    thresholds = calibration.ensure_thresholds(config, workdir, model, held_out)
+  references = {baselines.BASELINE: row_metrics(
+      *baselines.constant_maps(config, model, len(test.images)), test)}
+  if held_out_maps is not None:
+    references[baselines.POSITION_ONLY] = row_metrics(
+        *baselines.position_maps(config, held_out_maps, len(test.images)), test)
+  rows = {k: row_metrics(maps[k], scores[k], test) for k in maps}
   results = {
       'category': config.category,
       **model.steps,
       'num_images': len(test.images),
       'num_anomalous': int(test.labels.sum()),
-      'final_map': model.final_map,
-      'rows': {k: row_metrics(maps[k], scores[k], test) for k in maps},
+      'final_map': final,
+      'rows': rows,
+      'references': references,
+      'flagged': report.flagged_rows(rows, references),
       'thresholds': thresholds,
   }
   results.update(methods.get(config.method).extra_results(
-      config, maps[model.final_map], test,
-      lambda: inference.anomaly_maps(config, model, data.training_images(config)[1])[
-          model.final_map]))
+      config, maps[final], test, held_out_maps))
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, 'eval')
     os.makedirs(out_dir, exist_ok=True)
     if thresholds is not None:
       pixel_threshold, source = thresholds['pixel'], 'held-out normal images'
     else:
-      pixel_threshold = metrics.f1_max(maps[model.final_map], test.masks)[1]
+      pixel_threshold = metrics.f1_max(maps[final], test.masks)[1]
       source = 'the best pixel F1 on the test set'
-    figures = _write_figures(out_dir, config, test, maps, scores, model.final_map,
+    figures = _write_figures(out_dir, config, test, maps, scores, final,
                              pixel_threshold, source)
     atomic_write.write_json(os.path.join(out_dir, 'metrics.json'), results)
     atomic_write.write_text(os.path.join(out_dir, 'report.md'),

@@ -18,7 +18,6 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from twostage_jax import losses
 from twostage_jax import methods
 from twostage_jax import parallel
 from twostage_jax import train_state
@@ -121,12 +120,40 @@ def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
   return (summed / (size * size)).max(axis=(1, 2))
 
 
+def _gaussian_taps(sigma: float) -> np.ndarray:
+  """Normalised Gaussian taps spanning ceil(3 sigma) pixels each side."""
+  radius = int(np.ceil(3 * sigma))
+  taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+  return taps / taps.sum()
+
+
+def _smooth_axis(maps: jax.Array, taps: np.ndarray, axis: int) -> jax.Array:
+  """One 1-D pass along `axis`, borders reflected (d c b a | a b c d)."""
+  radius, size = len(taps) // 2, maps.shape[axis]
+  pad = [(0, 0)] * maps.ndim
+  pad[axis] = (radius, radius)
+  padded = jnp.pad(maps, pad, mode='symmetric')
+  out = maps
+  for offset, tap in enumerate(taps):
+    if offset != radius:
+      shifted = jax.lax.slice_in_dim(padded, offset, offset + size, axis=axis)
+      out = out + float(tap) * (shifted - maps)
+  return out
+
+
 def smooth(maps: jax.Array, sigma: float) -> jax.Array:
-  """Gaussian smoothing of (B, H, W) maps; the window spans 3 sigma each side; 0: none."""
+  """Gaussian smoothing of (B, H, W) maps with reflected borders; sigma 0: none.
+
+  Reflection (scipy.ndimage's default mode) keeps every pixel's weights
+  on map values: zero padding would lower the map near the border, a prior
+  that defects lie in the middle, and a constant map would score like a
+  detector. Each pass adds the taps' weighted differences to the map, so a
+  constant map stays exactly (bit for bit) constant.
+  """
   if sigma == 0:
     return maps
-  window = 2 * int(np.ceil(3 * sigma)) + 1
-  return losses.gaussian_filter_same(window, sigma)(maps[..., None])[..., 0]
+  taps = _gaussian_taps(sigma)
+  return _smooth_axis(_smooth_axis(maps, taps, 1), taps, 2)
 
 
 def score_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:

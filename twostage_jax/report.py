@@ -23,6 +23,12 @@ METRIC_COLUMNS = (
     ('pixel_iou_max', 'IoU'),
 )
 
+# The reference rows beside every method's rows (baselines.py).
+BASELINE = 'baseline'
+POSITION_ONLY = 'position only'
+FLOOR = 0.55  # an AUROC below it is near chance (0.5): the row is flagged
+_FLAGGED_METRICS = (('pixel_auroc', 'pixel AUROC'), ('image_auroc', 'image AUROC'))
+
 _ROW_EXPLANATIONS = {
     'autoencoder': ("Bauer's autoencoder: the squared reconstruction error "
                     'averaged over the channels, Gaussian-smoothed.'),
@@ -31,6 +37,13 @@ _ROW_EXPLANATIONS = {
                 'superpixels that stage 1 flagged.'),
     'combined': ("the final map, built from both stages by the config's "
                  '`refine.combine` rule (their sum by default).'),
+    BASELINE: ('no network: every map set to one constant, then the '
+                 "method's own combination, smoothing and score rule. Its "
+                 'AUROCs read 0.5 unless the post-processing favours some '
+                 'positions.'),
+    POSITION_ONLY: ('no network: the mean final map of the held-out normal '
+                      'images, given to every test image. What knowing where '
+                      'things usually are scores; a method row should be above it.'),
 }
 
 _DPI = 100
@@ -39,6 +52,11 @@ _EXAMPLE_COLUMNS = ('image', 'ground truth', 'anomaly map', 'map >= threshold')
 
 
 _Row = tuple[str, str, list[float]]
+
+
+def _named_rows(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+  """A category's method rows, then its reference rows (baselines)."""
+  return {**result['rows'], **result.get('references', {})}
 
 
 def _table_rows(results: Sequence[dict[str, Any]]) -> tuple[list[_Row], list[_Row]]:
@@ -50,36 +68,65 @@ def _table_rows(results: Sequence[dict[str, Any]]) -> tuple[list[_Row], list[_Ro
   if not results:
     raise ValueError('no results to report')
   rows = [(result['category'], name, [values[key] for key, _ in METRIC_COLUMNS])
-          for result in results for name, values in result['rows'].items()]
+          for result in results for name, values in _named_rows(result).items()]
   means = []
   if len(results) > 1:
-    shared = [name for name in results[0]['rows']
-              if all(name in result['rows'] for result in results)]
+    shared = [name for name in _named_rows(results[0])
+              if all(name in _named_rows(result) for result in results)]
     means = [('mean', name,
-              [float(np.mean([result['rows'][name][key] for result in results]))
+              [float(np.mean([_named_rows(result)[name][key] for result in results]))
                for key, _ in METRIC_COLUMNS]) for name in shared]
   return rows, means
+
+
+def flagged_rows(rows: dict[str, dict[str, float]],
+                 references: dict[str, dict[str, float]]) -> dict[str, str]:
+  """{row name: why} for the method rows near chance or not above `position only`."""
+  position = references.get(POSITION_ONLY)
+  flags = {}
+  for name, row in rows.items():
+    reasons = []
+    for key, title in _FLAGGED_METRICS:
+      if row[key] < FLOOR:
+        reasons.append(f'{title} {row[key]:.4f} below {FLOOR}')
+      elif position is not None and row[key] <= position[key]:
+        reasons.append(f'{title} {row[key]:.4f} not above {POSITION_ONLY} '
+                       f'({position[key]:.4f})')
+    if reasons:
+      flags[name] = '; '.join(reasons)
+  return flags
+
+
+def _flags(results: Sequence[dict[str, Any]]) -> list[str]:
+  """'category, row: why' for every flagged method row."""
+  return [f"{result['category']}, {name}: {why}"
+          for result in results for name, why in result.get('flagged', {}).items()]
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
   """Console table: one line per (category, row), then means over categories.
 
+  Flagged rows end in '!' and are explained below the table.
+
   Raises:
     ValueError: if `results` is empty.
   """
   rows, means = _table_rows(results)
+  flagged = {(r['category'], name) for r in results for name in r.get('flagged', {})}
   category_width = max([12] + [len(category) + 2 for category, _, _ in rows])
   map_width = max([10] + [len(name) + 2 for _, name, _ in rows])
   header = f'{"category":<{category_width}}{"map":<{map_width}}' + ''.join(
       f'{column:>13}' for _, column in METRIC_COLUMNS)
 
   def line(category: str, name: str, values: list[float]) -> str:
+    mark = '  !' if (category, name) in flagged else ''
     return f'{category:<{category_width}}{name:<{map_width}}' + ''.join(
-        f'{value:>13.4f}' for value in values)
+        f'{value:>13.4f}' for value in values) + mark
 
   lines = [header, '-' * len(header)] + [line(*row) for row in rows]
   if means:
     lines += ['-' * len(header)] + [line(*row) for row in means]
+  lines += [f'! {flag}' for flag in _flags(results)]
   for result in results:
     if result.get('area_protocol'):
       p = result['area_protocol']
@@ -116,14 +163,16 @@ def markdown_report(results: Sequence[dict[str, Any]], title: str,
     ValueError: if `results` is empty.
   """
   rows, means = _table_rows(results)
-  row_names = list(dict.fromkeys(name for r in results for name in r['rows']))
+  flagged = {(r['category'], name) for r in results for name in r.get('flagged', {})}
+  row_names = list(dict.fromkeys(name for r in results for name in _named_rows(r)))
   lines = [f'# {title}', '', 'Rows of the tables:', '']
   lines += [f'- **{name}**: {_ROW_EXPLANATIONS[name]}'
             for name in row_names if name in _ROW_EXPLANATIONS]
   lines += [
       '',
-      ('Pixel metrics pool all test pixels of a category; the image score is '
-       'the maximum of the mean-filtered anomaly map. AUPRO integrates the '
+      ('Pixel metrics pool all test pixels of a category; the image score '
+       'follows `eval.score_rule` (the papers\' rule: the maximum of the '
+       'mean-filtered anomaly map). AUPRO integrates the '
        'per-region overlap up to FPR 0.3 and divides by 0.3. F1 and IoU are '
        'at the best threshold on the test set (an upper bound, not a '
        'deployable operating point).'),
@@ -133,10 +182,16 @@ def markdown_report(results: Sequence[dict[str, Any]], title: str,
   ]
   lines += _markdown_table(
       ['category', 'map'] + [column for _, column in METRIC_COLUMNS],
-      [(category, name, *(f'{value:.4f}' for value in values))
+      [(category, f'{name} (flagged)' if (category, name) in flagged else name,
+        *(f'{value:.4f}' for value in values))
        for category, name, values in rows]
       + [('**mean**', name, *(f'{value:.4f}' for value in values))
          for _, name, values in means], right_from=2)
+  flags = _flags(results)
+  if flags:
+    lines += ['', (f'Flagged: a method row whose pixel or image AUROC is below '
+                   f'{FLOOR} or not above the position-only row:'), '']
+    lines += [f'- {flag}' for flag in flags]
   lines += ['', '## Checkpoints and test set', '']
   lines += _markdown_table(
       ['category', 'stage-1 step', 'stage-2 step', 'test images', 'anomalous'],

@@ -132,6 +132,17 @@ class Method(abc.ABC):
   def maps_fn(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]) -> MapsFn:
     """The pure per-device anomaly maps of the trained stages (unsmoothed)."""
 
+  def combine(self, config: ml_collections.ConfigDict, maps: dict[str, jax.Array]
+              ) -> dict[str, jax.Array]:
+    """`maps` with the maps the method derives from other maps (no network) recomputed.
+
+    `maps_fn` ends with it; the evaluation's baseline row runs it on
+    constant maps, so a combination that favours some positions shows.
+    By default nothing is derived.
+    """
+    del config
+    return maps
+
   def scores_fn(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]
                 ) -> ScoresFn | None:
     """The image scores the method computes itself (None: every map's by `eval.score_rule`)."""
@@ -156,14 +167,15 @@ class Method(abc.ABC):
       yield {}
 
   def extra_results(self, config: ml_collections.ConfigDict, test_maps: np.ndarray,
-                    test: Any, held_out_maps: Callable[[], np.ndarray]) -> dict[str, Any]:
+                    test: Any, held_out_maps: np.ndarray | None) -> dict[str, Any]:
     """Method-specific evaluation results beside the metric rows ({}: none).
 
     Args:
       config: the run's config.
       test_maps: the final map of every test image.
       test: the category's `data.TestSet`.
-      held_out_maps: computes the final map of the held-out normal images.
+      held_out_maps: the final maps of the held-out normal images; None when
+        nothing is held out.
     """
     del config, test_maps, test, held_out_maps
     return {}

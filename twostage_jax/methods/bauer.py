@@ -7,7 +7,7 @@ protocol (area_protocol.py).
 """
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -111,11 +111,11 @@ class Bauer(base.Method):
     return maps
 
   def extra_results(self, config: ml_collections.ConfigDict, test_maps: np.ndarray,
-                    test: Any, held_out_maps: Callable[[], np.ndarray]) -> dict[str, Any]:
+                    test: Any, held_out_maps: np.ndarray | None) -> dict[str, Any]:
     """Bauer's protocol: TPR, TNR, their mean and F1s at the held-out minimum-area threshold."""
-    if config.calibration.holdout_fraction <= 0:
+    if held_out_maps is None:
       return {}
     area = min_defect_area(config)
-    threshold = area_protocol.area_threshold(held_out_maps(), area)
+    threshold = area_protocol.area_threshold(held_out_maps, area)
     return {'area_protocol': area_protocol.evaluate_at_area_threshold(
         test_maps, test.masks, test.labels, threshold, area)}

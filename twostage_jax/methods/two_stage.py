@@ -165,10 +165,16 @@ class TwoStage(base.Method):
         selected = refine.region(out[STAGE1], labels, config.refine)
         out[STAGE2] = model.apply(variables[1], refine.masked_input(images, selected),
                                   train=False)
-        out[COMBINED] = refine.combine(out[STAGE1], out[STAGE2], config.refine.combine)
-      return out
+      return self.combine(config, out)
 
     return maps
+
+  def combine(self, config: ml_collections.ConfigDict, maps: dict[str, jax.Array]
+              ) -> dict[str, jax.Array]:
+    """With stage 2, the combined map of both stages by `refine.combine`."""
+    if STAGE2 not in maps:
+      return maps
+    return {**maps, COMBINED: refine.combine(maps[STAGE1], maps[STAGE2], config.refine.combine)}
 
   def pure_config(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config` with the refinement's SLIC on the device."""

@@ -84,7 +84,8 @@ def blob_maps(size: int, side: int, stride: int) -> tuple[np.ndarray, list[tuple
 def blob_bias(size: int, stride: int) -> None:
   """Prints min and max r over positions for each rule, blob side and smoothing."""
   sigma = 4.0 * size / 64  # the CPU recipes' sigma 4 at 64 x 64, scaled
-  smoothings = {'σ 0': lambda m: m, f'σ {sigma:g} reflected': lambda m: inference.smooth(m, sigma),
+  smoothings = {'σ 0': lambda m: m,
+                f'σ {sigma:g} reflected': lambda m: inference.smooth(m, sigma),
                 f'σ {sigma:g} zeros (before)': lambda m: zero_padded_smooth(m, sigma)}
   print(f'\n{size}x{size}: r = (score - background) / (centred blob - background)\n')
   print('| blob side | smoothing | rule | min r | max r | max abs(r - 1) |')

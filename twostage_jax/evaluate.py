@@ -3,7 +3,8 @@
 One row per map of the method, in its order (two-stage model: 'stage 1',
 the coarse map, 'stage 2', the refined re-segmentation, and 'combined', the
 final map, so a user sees what stage 2 adds), plus the method's own results
-(Bauer's minimum-area protocol). Every metric of a row comes from one set of test maps,
+(Bauer's minimum-area protocol), then two reference rows that run no network
+(`baselines`). Every metric of a row comes from one set of test maps,
 computed once. Output in `<workdir>/eval/`: metrics.json, report.md,
 roc.png, pro.png, examples.png.
 """
@@ -95,8 +96,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     model: trained variables to evaluate instead of the checkpoints.
 
   Returns:
-    The category's results: steps, image counts, a metrics row per map and
-    the held-out thresholds (None when nothing was held out).
+    The category's results: steps, image counts, a metrics row per map, the
+    reference rows (`baselines`) and the flagged rows, and the held-out
+    thresholds (None when nothing was held out).
   """
   if model is None:
     model = inference.load_model(config, workdir)

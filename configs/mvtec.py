@@ -109,6 +109,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.refine.threshold = 0.5  # 'absolute', 'relative': midway between targets 0 and 1
   config.refine.tasad_th_pix = 0.95  # drop levels more frequent than this x the mode's
   config.refine.tasad_th_val = 30  # then flag 8-bit levels above this
+  # Stage 2's training regions: 'test' (the rule above) or 'tasad' (the public
+  # code trains with its rule at th_pix 1, th_val 0: every non-zero 8-bit level).
+  config.refine.train_rule = 'test'
+  config.refine.train_tasad_th_pix = 1.0
+  config.refine.train_tasad_th_val = 0
   config.refine.median_size = 3
   config.refine.n_segments = 250  # SLIC of the input image
   config.refine.compactness = 8.0

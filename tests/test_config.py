@@ -78,6 +78,8 @@ def test_loss_overrides_reach_stage_2_unless_stage_2_sets_its_own():
     ('refine.threshold_rule', 'otsu', "must be 'absolute' or 'relative' or 'tasad'"),
     ('refine.tasad_th_pix', 0.0, 'config.refine.tasad_th_pix = 0.0 must be in'),
     ('refine.tasad_th_val', 255, 'config.refine.tasad_th_val = 255 must be in'),
+    ('refine.train_rule', 'all', "must be 'test' or 'tasad'"),
+    ('refine.train_tasad_th_pix', 0.0, 'config.refine.train_tasad_th_pix = 0.0 must be in'),
     ('eval.map_sigma', -1.0, 'config.eval.map_sigma = -1.0 must be 0 or more'),
     ('refine.median_size', 4, 'config.refine.median_size = 4 must be a positive odd'),
     ('stage2.loss.ssim_weight', -1.0, 'config.stage2.loss.ssim_weight = -1.0 must be 0 or more'),

@@ -163,6 +163,30 @@ def test_stage2_batch_uses_frozen_stage1_and_keeps_the_target():
   assert grad['gain'] == 0.0
 
 
+@pytest.mark.parametrize('train_rule,kept', [('test', False), ('tasad', True)])
+def test_training_rule_decides_whether_a_weak_stage1_map_keeps_the_anomaly(train_rule, kept):
+  """A map at 8-bit level 12 on one tile: below th_val 30, above the training rule's 0."""
+  def stage1_apply(variables, images, train):
+    del variables, train
+    return images.mean(-1)
+
+  images = jnp.zeros((1, 16, 16, 3)).at[0, 2:6, 2:6].set(0.05)
+  labels = jnp.asarray(np.kron(np.arange(4).reshape(2, 2), np.ones((8, 8), int))[None],
+                       jnp.int32)
+  batch = {'image': images, 'mask': jnp.ones((1, 16, 16)), 'labels': labels}
+  config = ml_collections.ConfigDict(refine_config(train_rule=train_rule))
+  out = np.asarray(refine.stage2_batch(stage1_apply, {}, batch, config)['image'])
+  np.testing.assert_array_equal(out[0, :8, :8], np.asarray(images)[0, :8, :8] * kept)
+  assert not out[0, 8:].any() and not out[0, :, 8:].any()
+  # At test time the region always follows the test rule: nothing flagged here.
+  assert not np.asarray(refine.region(images.mean(-1), labels, config)).any()
+
+
+def test_unknown_training_rule_is_named():
+  with pytest.raises(ValueError, match="unknown refine.train_rule 'all'"):
+    refine.training_rule(refine_config(train_rule='all'))
+
+
 def test_device_and_host_superpixels_select_the_same_regions():
   # Stage 1 flags a defect's pixels (the exact mask as its map); the region
   # the refinement keeps is the union of the superpixels they touch.

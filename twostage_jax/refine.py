@@ -59,6 +59,7 @@ def tasad_flags(maps: jax.Array, th_pix: float, th_val: float) -> jax.Array:
   kept = jnp.take_along_axis(rare, flat, axis=1).reshape(levels.shape)
   return kept & (levels > th_val)
 COMBINE_RULES = ('sum', 'mean', 'max', 'stage2')
+TRAIN_RULES = ('test', 'tasad')
 
 
 def threshold(maps: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
@@ -72,6 +73,26 @@ def threshold(maps: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
     return tasad_flags(maps, config.tasad_th_pix, config.tasad_th_val)
   raise ValueError(f'unknown refine.threshold_rule {config.threshold_rule!r}; '
                    f'expected one of {THRESHOLD_RULES}')
+
+
+def training_rule(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `refine` config that selects stage 2's training regions (`refine.train_rule`).
+
+  'test': the rule used at test time. 'tasad': the public code's training
+  rule, `tasad_flags` at `train_tasad_th_pix` and `train_tasad_th_val` (its 1
+  and 0 flag every non-zero 8-bit level), so that a weak stage 1 still
+  leaves the pseudo-anomaly in stage 2's input.
+  """
+  if config.train_rule == 'test':
+    return config
+  if config.train_rule == 'tasad':
+    rule = config.copy_and_resolve_references()
+    rule.threshold_rule = 'tasad'
+    rule.tasad_th_pix = config.train_tasad_th_pix
+    rule.tasad_th_val = config.train_tasad_th_val
+    return rule
+  raise ValueError(f'unknown refine.train_rule {config.train_rule!r}; '
+                   f'expected one of {TRAIN_RULES}')
 
 
 def binary_median(flags: jax.Array, size: int) -> jax.Array:
@@ -133,7 +154,8 @@ def stage2_batch(stage1_apply: Callable[..., jax.Array], stage1_variables: Any,
   """Turns a training batch with SLIC labels into stage 2's batch.
 
   Stage 1 is frozen: it runs in inference mode (BatchNorm running
-  statistics) and no gradient flows into it.
+  statistics) and no gradient flows into it. The region follows
+  `refine.train_rule` (`training_rule`).
 
   Args:
     stage1_apply: the stage-1 module's `apply`.
@@ -145,5 +167,5 @@ def stage2_batch(stage1_apply: Callable[..., jax.Array], stage1_variables: Any,
     {'image': the masked images, 'mask': the unchanged targets}.
   """
   maps = jax.lax.stop_gradient(stage1_apply(stage1_variables, batch['image'], train=False))
-  selected = region(maps, batch['labels'], config)
+  selected = region(maps, batch['labels'], training_rule(config))
   return {'image': masked_input(batch['image'], selected), 'mask': batch['mask']}

@@ -42,13 +42,17 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Pseudo-anomalies (DRAEM's Perlin + SAIM superpixels), see DESIGN.md.
   config.synthesis = ml_collections.ConfigDict()
+  # 'draem': DRAEM's Perlin recipe (the keys below, its ten augmenters);
+  # 'tasad': the two-stage public code's (Perlin threshold ~ U(0, 1) per
+  # sample, no rotation of the noise, augmenters from its four).
+  config.synthesis.recipe = 'draem'
   config.synthesis.p_anomaly = 0.5  # P(no anomaly) = 1 - p_anomaly
   config.synthesis.p_perlin = 0.5  # given an anomaly: Perlin, else superpixel
   config.synthesis.perlin_max_exponent = 5  # lattice 2^a x 2^b, a, b in 0..5
-  config.synthesis.perlin_rotation = 90.0  # noise rotated by U(-90, 90) deg
-  config.synthesis.perlin_threshold = 0.5
+  config.synthesis.perlin_rotation = 90.0  # 'draem': noise rotated by U(-90, 90) deg
+  config.synthesis.perlin_threshold = 0.5  # 'draem'
   config.synthesis.beta_max = 0.8  # blend factor beta ~ U(0, 0.8)
-  config.synthesis.num_augmenters = 3  # of DRAEM's ten
+  config.synthesis.num_augmenters = 3  # of the recipe's ten ('draem') or four ('tasad')
   config.synthesis.saim_n_segments = (30, 150, 250)
   config.synthesis.saim_compactness = 8.0
   config.synthesis.saim_sigma = 1.0
@@ -88,6 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.width = 128
   config.model.bn_momentum = 0.9  # = PyTorch momentum 0.1
   config.model.bn_epsilon = 1e-5
+  # 'lecun' (Flax's: LeCun normal kernels, BatchNorm scales 1) or 'normal'
+  # (DRAEM's and the public code's: kernels N(0, init_std^2), scales N(1, init_std^2)).
+  config.model.init = 'lecun'
+  config.model.init_std = 0.02  # 'normal'
   # Mixed precision: 'bfloat16' computes in bfloat16 with float32 parameters
   # and optimizer state; 'auto' = bfloat16 on GPU/TPU, float32 on CPU.
   config.model.compute_dtype = 'auto'
@@ -135,6 +143,10 @@ def get_config() -> ml_collections.ConfigDict:
   # model uses L2 alone: --config.stage2.loss.ssim_weight=0).
   config.stage2 = ml_collections.ConfigDict()
   config.stage2.num_steps = placeholder(int)  # None: train.num_steps
+  # Share of stage 2's textures from the category's normal training images
+  # (the public code adds them to its stage 2's sources: 27% on bottle).
+  # None: synthesis.p_self_source.
+  config.stage2.p_self_source = placeholder(float)
   config.stage2.loss = ml_collections.ConfigDict(
       {key: placeholder(type(value)) for key, value in config.loss.items()})
 

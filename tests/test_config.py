@@ -80,6 +80,11 @@ def test_loss_overrides_reach_stage_2_unless_stage_2_sets_its_own():
     ('refine.tasad_th_val', 255, 'config.refine.tasad_th_val = 255 must be in'),
     ('refine.train_rule', 'all', "must be 'test' or 'tasad'"),
     ('refine.train_tasad_th_pix', 0.0, 'config.refine.train_tasad_th_pix = 0.0 must be in'),
+    ('synthesis.recipe', 'cutpaste', "config.synthesis.recipe = 'cutpaste' must be 'draem' or "
+     "'tasad'"),
+    ('model.init', 'kaiming', "config.model.init = 'kaiming' must be 'lecun' or 'normal'"),
+    ('model.init_std', 0.0, 'config.model.init_std = 0.0 must be positive'),
+    ('stage2.p_self_source', 1.5, 'config.stage2.p_self_source = 1.5 must be a probability'),
     ('eval.map_sigma', -1.0, 'config.eval.map_sigma = -1.0 must be 0 or more'),
     ('refine.median_size', 4, 'config.refine.median_size = 4 must be a positive odd'),
     ('stage2.loss.ssim_weight', -1.0, 'config.stage2.loss.ssim_weight = -1.0 must be 0 or more'),
@@ -101,6 +106,25 @@ def test_bad_values_are_named(key, value, message):
   parent[name] = value
   with pytest.raises(ValueError, match=message.replace('(', r'\(')):
     config_validation.validate(config)
+
+
+def test_the_public_codes_recipe_has_four_augmenters_to_draw_from():
+  config = parse_config('--config.synthesis.recipe=tasad', '--config.synthesis.num_augmenters=4')
+  config_validation.validate(config)
+  config.synthesis.num_augmenters = 5
+  with pytest.raises(ValueError, match="num_augmenters = 5 must be at most 4, the augmenters "
+                                       "of synthesis.recipe 'tasad'"):
+    config_validation.validate(config)
+
+
+def test_stage_2_self_sources_apply_to_stage_2_alone():
+  config = parse_config('--config.stage2.p_self_source=0.27')
+  assert two_stage.stage_synthesis(config, 1).p_self_source == 0.0
+  stage2 = two_stage.stage_synthesis(config, 2)
+  assert stage2.p_self_source == 0.27 and stage2.p_perlin == config.synthesis.p_perlin
+  assert config.synthesis.p_self_source == 0.0
+  config = parse_config('--config.synthesis.p_self_source=0.1')
+  assert two_stage.stage_synthesis(config, 2).p_self_source == 0.1
 
 
 def test_every_problem_is_reported_at_once():

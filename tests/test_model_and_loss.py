@@ -48,6 +48,34 @@ def test_output_is_one_map_per_image_at_input_size():
     apply(jnp.ones((2, 30, 48, 3)))
 
 
+def test_normal_init_draws_kernels_and_scales_with_the_given_spread():
+  x = jnp.zeros((1, 16, 16, 3))
+  variables = {
+      init: SegmentationNet(8, 0.9, 1e-5, axis_name=None, weight_init=init,
+                            weight_init_std=0.02).init(jax.random.key(0), x, train=False)
+      for init in ('lecun', 'normal')}
+  flat = {init: jax.tree_util.tree_flatten_with_path(v['params'])[0]
+          for init, v in variables.items()}
+
+  def pooled(init, name):
+    return np.concatenate([np.ravel(leaf) for path, leaf in flat[init]
+                           if path[-1].key == name])
+
+  kernels, scales = pooled('normal', 'kernel'), pooled('normal', 'scale')
+  # n draws: the sample mean's standard error is std / sqrt(n), the sample
+  # standard deviation's about std / sqrt(2n); 6 standard errors.
+  for values, mean in ((kernels, 0.0), (scales, 1.0)):
+    n = values.size
+    assert abs(values.mean() - mean) < 6 * 0.02 / np.sqrt(n)
+    assert abs(values.std() - 0.02) < 6 * 0.02 / np.sqrt(2 * n)
+  np.testing.assert_array_equal(pooled('lecun', 'scale'), 1.0)
+  # LeCun: each layer's std is 1/sqrt(fan_in) >= 1/sqrt(9 * 32) = 0.059.
+  assert pooled('lecun', 'kernel').std() > 2 * 0.02
+  with pytest.raises(ValueError, match="'normal' needs a positive init_std"):
+    SegmentationNet(8, 0.9, 1e-5, axis_name=None, weight_init='normal').init(
+        jax.random.key(0), x, train=False)
+
+
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_ssim_matches_scikit_image_gaussian_ssim(seed):
   config = mvtec.get_config().loss

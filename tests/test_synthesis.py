@@ -102,6 +102,32 @@ def test_perlin_mask_grows_as_threshold_drops():
   assert low.sum() > high.sum()
 
 
+def test_the_public_codes_perlin_mask_thresholds_unrotated_noise_at_a_drawn_level(monkeypatch):
+  # A horizontal ramp from -1 to 1: a threshold t masks the columns above t,
+  # (1 - t) / 2 of the image, identically in every row unless rotated.
+  ramp = np.tile(np.linspace(-1.0, 1.0, SIZE, dtype=np.float32), (SIZE, 1))
+  monkeypatch.setattr(synthesis.perlin, 'perlin_noise', lambda shape, res, rng: ramp)
+  coverage = []
+  for seed in range(50):
+    mask = synthesis.perlin_mask((SIZE, SIZE), np.random.default_rng(seed),
+                                 _config(recipe='tasad'))
+    assert (mask == mask[:1]).all()
+    coverage.append(mask.mean())
+  # t ~ U(0, 1): coverage spreads over [0, 1/2].
+  assert min(coverage) < 0.1 and max(coverage) > 0.4
+  draem = [synthesis.perlin_mask((SIZE, SIZE), np.random.default_rng(seed), _config())
+           for seed in range(10)]
+  assert any((mask != mask[:1]).any() for mask in draem)  # rotated
+
+
+def test_the_public_codes_perlin_masks_are_larger_and_sometimes_empty():
+  coverage = {recipe: np.array([
+      synthesis.perlin_mask((SIZE, SIZE), np.random.default_rng(s), _config(recipe=recipe)).mean()
+      for s in range(300)]) for recipe in ('draem', 'tasad')}
+  assert coverage['tasad'].mean() > 1.5 * coverage['draem'].mean()
+  assert 0.1 < np.mean(coverage['tasad'] == 0) < 0.4
+
+
 # Augmenters.
 
 
@@ -176,6 +202,48 @@ def test_random_augment_applies_distinct_augmenters_in_drawn_order(
   assert calls == expected.tolist()
   np.testing.assert_array_equal(out, image + 3)
   assert labels is None
+
+
+def test_random_augment_draws_from_the_pool_it_is_given():
+  calls = []
+
+  def recorder(index):
+    def apply(image, rng):
+      del rng
+      calls.append(index)
+      return image
+    return apply
+
+  pool = tuple(recorder(i) for i in range(4))
+  for seed in range(20):
+    calls.clear()
+    synthesis.random_augment(_structured_image(), np.random.default_rng(seed), 3, pool=pool)
+    assert len(set(calls)) == 3
+  with pytest.raises(ValueError, match='5 augmenters asked of a pool of 4'):
+    synthesis.random_augment(_structured_image(), np.random.default_rng(0), 5, pool=pool)
+  assert set(augment.POOLS['tasad']) == {augment.gamma_contrast, augment.brightness,
+                                         augment.sharpness, augment.autocontrast}
+
+
+@pytest.mark.parametrize('p_perlin', [1.0, 0.0], ids=['perlin', 'saim'])
+def test_the_recipe_picks_the_augmenters_of_both_generators(store, monkeypatch, p_perlin):
+  pools = []
+
+  def recording(image, rng, num, labels=None, pool=None):
+    del rng, num
+    pools.append(pool)
+    return image.copy(), labels
+
+  monkeypatch.setattr(augment, 'random_augment', recording)
+  for recipe in ('draem', 'tasad'):
+    synth = synthesis.PseudoAnomalySynthesizer(
+        store, _config(recipe=recipe, p_anomaly=1.0, p_perlin=p_perlin))
+    for seed in range(3):
+      synth(_normal_image(seed), np.random.default_rng(seed))
+    assert pools and all(pool is augment.POOLS[recipe] for pool in pools)
+    pools.clear()
+  with pytest.raises(ValueError, match="exceeds the 4 augmenters of recipe 'tasad'"):
+    synthesis.PseudoAnomalySynthesizer(store, _config(recipe='tasad', num_augmenters=5))
 
 
 def test_random_augment_is_seeded_and_copies():
@@ -355,7 +423,7 @@ def test_pixels_equal_to_the_texture_are_not_anomalous(
     store, monkeypatch, p_perlin):
   texture = _structured_image(1)
   monkeypatch.setattr(augment, 'random_augment',
-                      lambda image, rng, num, labels=None: (texture.copy(), labels))
+                      lambda image, rng, num, labels=None, pool=None: (texture.copy(), labels))
   synth = synthesis.PseudoAnomalySynthesizer(
       store,
       _config(p_anomaly=1.0, p_perlin=p_perlin, saim_rotations=(0,)))
@@ -377,7 +445,7 @@ def test_pixels_equal_to_the_texture_are_not_anomalous(
 def test_perlin_blend_formula(store, monkeypatch):
   texture = np.full((SIZE, SIZE, 3), 200, np.uint8)
   monkeypatch.setattr(augment, 'random_augment',
-                      lambda image, rng, num, labels=None: (texture.copy(), labels))
+                      lambda image, rng, num, labels=None, pool=None: (texture.copy(), labels))
   synth = synthesis.PseudoAnomalySynthesizer(
       store, _config(p_anomaly=1.0, p_perlin=1.0))
   checked = 0
@@ -400,7 +468,7 @@ def test_superpixel_paste_is_rotated_and_unblended(store,
   ramp = np.arange(SIZE, dtype=np.uint8)[None, :, None] * 3
   texture = np.broadcast_to(ramp, (SIZE, SIZE, 3)).copy()
   monkeypatch.setattr(augment, 'random_augment',
-                      lambda image, rng, num, labels=None: (texture.copy(), labels))
+                      lambda image, rng, num, labels=None, pool=None: (texture.copy(), labels))
   synth = synthesis.PseudoAnomalySynthesizer(
       store,
       _config(p_anomaly=1.0, p_perlin=0.0, saim_rotations=(90,)))

@@ -41,7 +41,7 @@ def two_stage_config(**extra) -> ml_collections.ConfigDict:
       # A low bar, so that stage 1 flags superpixels after only 4 steps.
       'refine.threshold_rule': 'relative',
       'refine.superpixels': 'device',
-      'synthesis.p_self_source': 0.3,
+      'stage2.p_self_source': 0.3,  # self sources in stage 2 only
       'export.platforms': ('cpu',),
       **extra,
   })

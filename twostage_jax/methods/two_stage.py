@@ -30,6 +30,7 @@ from twostage_jax import synthesis
 from twostage_jax.methods import base
 from twostage_jax.methods import synthesis_rules
 from twostage_jax.models import SegmentationNet
+from twostage_jax.models import layers
 
 STAGE1, STAGE2, COMBINED = 'stage 1', 'stage 2', 'combined'
 SUPERPIXELS = ('host', 'device')  # where the refinement's SLIC runs
@@ -62,6 +63,16 @@ def stage_loss(config: ml_collections.ConfigDict, stage: int) -> ml_collections.
   return merged
 
 
+def stage_synthesis(config: ml_collections.ConfigDict, stage: int
+                    ) -> ml_collections.ConfigDict:
+  """The synthesis settings of `stage`: stage 2 with `stage2.p_self_source` if set."""
+  if stage == 1 or config.stage2.p_self_source is None:
+    return config.synthesis
+  merged = config.synthesis.copy_and_resolve_references()
+  merged.p_self_source = config.stage2.p_self_source
+  return merged
+
+
 def _store_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """SAIM's SLIC settings and where stores live; all cores build a missing one."""
   return {'n_segments': config.synthesis.saim_n_segments,
@@ -90,6 +101,8 @@ class TwoStage(base.Method):
   inference_sections = ('refine',)
   config_rules = (
       ('model.width', lambda v: v > 0, 'positive'),
+      ('model.init', lambda v: v in layers.INITS, ' or '.join(map(repr, layers.INITS))),
+      ('model.init_std', lambda v: v > 0, 'positive'),
       ('refine.threshold_rule', lambda v: v in refine.THRESHOLD_RULES,
        ' or '.join(map(repr, refine.THRESHOLD_RULES))),
       ('refine.tasad_th_pix', lambda v: 0 < v <= 1, 'in (0, 1]'),
@@ -106,17 +119,23 @@ class TwoStage(base.Method):
       ('refine.combine', lambda v: v in refine.COMBINE_RULES,
        ' or '.join(map(repr, refine.COMBINE_RULES))),
       ('stage2.num_steps', lambda v: v is None or v > 0, 'positive, or None (= train.num_steps)'),
+      ('stage2.p_self_source', lambda v: v is None or 0 <= v <= 1,
+       'a probability in [0, 1], or None (= synthesis.p_self_source)'),
       ('stage2.loss.l2_weight', lambda v: v is None or v >= 0,
        '0 or more, or None (= loss.l2_weight)'),
       ('stage2.loss.ssim_weight', lambda v: v is None or v >= 0,
        '0 or more, or None (= loss.ssim_weight)'),
   ) + synthesis_rules.SYNTHESIS + synthesis_rules.DISTORTION
 
+  def config_problems(self, config: ml_collections.ConfigDict) -> list[str]:
+    return super().config_problems(config) + synthesis_rules.recipe_problems(config)
+
   def create_model(self, config: ml_collections.ConfigDict, stage: int) -> nn.Module:
     del stage  # both stages use the same network
     model = config.model
     return SegmentationNet(width=model.width, bn_momentum=model.bn_momentum,
-                           bn_epsilon=model.bn_epsilon, dtype=precision.compute_dtype(config))
+                           bn_epsilon=model.bn_epsilon, dtype=precision.compute_dtype(config),
+                           weight_init=model.init, weight_init_std=model.init_std)
 
   def objective(self, config: ml_collections.ConfigDict, stage: int) -> base.Objective:
     loss_config = stage_loss(config, stage)
@@ -126,8 +145,11 @@ class TwoStage(base.Method):
                       images: np.ndarray) -> pipeline.SamplerFactory:
     """Carries the source stores by their folders, so every worker maps the same files.
 
-    `images` become self sources when `synthesis.p_self_source` > 0.
+    `images` become self sources when the stage's p_self_source
+    (`stage_synthesis`) is > 0.
     """
+    config = config.copy_and_resolve_references()
+    config.synthesis = stage_synthesis(config, stage)
     self_sources = None
     if config.synthesis.p_self_source > 0:
       self_sources = synthesis.build_image_store(images, f'{config.category}-train',

@@ -21,9 +21,31 @@ import jax.numpy as jnp
 from jax import lax
 
 
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+INITS = ('lecun', 'normal')  # model.init
+
+
+def initializers(init: str, std: float | None) -> tuple[Initializer, Initializer]:
+  """The convolution kernels' and BatchNorm scales' initializers of `init`.
+
+  'lecun': Flax's defaults (LeCun normal kernels, scales 1). 'normal':
+  DRAEM's and the two-stage public code's, kernels N(0, std^2) and scales
+  N(1, std^2) (their std is 0.02). Biases and BatchNorm offsets start at 0.
+  """
+  if init == 'lecun':
+    return nn.initializers.lecun_normal(), nn.initializers.ones
+  if init == 'normal':
+    if std is None or std <= 0:
+      raise ValueError(f"model.init 'normal' needs a positive init_std; got {std}")
+    normal = nn.initializers.normal(std)
+    return normal, lambda key, shape, dtype=jnp.float32: 1 + normal(key, shape, dtype)
+  raise ValueError(f'model.init {init!r} is none of {INITS}')
+
+
 def batch_norm(train: bool, momentum: float, epsilon: float,
                axis_name: str | None,
-               dtype: jnp.dtype = jnp.float32) -> Callable[[], nn.BatchNorm]:
+               dtype: jnp.dtype = jnp.float32,
+               scale_init: Initializer = nn.initializers.ones) -> Callable[[], nn.BatchNorm]:
   """A factory of BatchNorm layers for a forward pass in `train` mode.
 
   Statistics are averaged over `axis_name` while training, so every device
@@ -40,6 +62,7 @@ def batch_norm(train: bool, momentum: float, epsilon: float,
       use_fast_variance=False,
       dtype=dtype,
       param_dtype=jnp.float32,
+      scale_init=scale_init,
   )
 
 
@@ -50,9 +73,10 @@ def conv(features: int, kernel: tuple[int, int], dtype: jnp.dtype, **kwargs) -> 
 
 
 def conv_bn_relu(x: jax.Array, features: int, norm: Callable[[], nn.BatchNorm],
-                 dtype: jnp.dtype = jnp.float32) -> jax.Array:
+                 dtype: jnp.dtype = jnp.float32,
+                 kernel_init: Initializer = nn.initializers.lecun_normal()) -> jax.Array:
   """3x3 'same' convolution without bias (BatchNorm removes it), BatchNorm, ReLU."""
-  x = conv(features, (3, 3), dtype, use_bias=False)(x)
+  x = conv(features, (3, 3), dtype, use_bias=False, kernel_init=kernel_init)(x)
   return nn.relu(norm()(x))
 
 

@@ -31,6 +31,9 @@ class SegmentationNet(nn.Module):
     dtype: compute dtype of the layers (bfloat16 for mixed precision);
       parameters are float32, the last layer and the returned map at least
       float32 (`precision.widened`).
+    weight_init: initialisation of kernels and BatchNorm scales
+      (layers.initializers; model.init).
+    weight_init_std: the standard deviation of 'normal' (model.init_std).
   """
 
   width: int
@@ -38,6 +41,8 @@ class SegmentationNet(nn.Module):
   bn_epsilon: float
   axis_name: str | None = DATA_AXIS
   dtype: jnp.dtype = jnp.float32
+  weight_init: str = 'lecun'
+  weight_init_std: float | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -45,9 +50,11 @@ class SegmentationNet(nn.Module):
       raise ValueError(
           f'image height and width must be multiples of 4 (two 2x2 poolings '
           f'and upsamplings); got {x.shape[-3]}x{x.shape[-2]}')
+    kernel_init, scale_init = layers.initializers(self.weight_init, self.weight_init_std)
     norm = layers.batch_norm(train, self.bn_momentum, self.bn_epsilon, self.axis_name,
-                             self.dtype)
-    conv_bn_relu = functools.partial(layers.conv_bn_relu, norm=norm, dtype=self.dtype)
+                             self.dtype, scale_init)
+    conv_bn_relu = functools.partial(layers.conv_bn_relu, norm=norm, dtype=self.dtype,
+                                     kernel_init=kernel_init)
 
     w = self.width
     for i, features in enumerate((w, 2 * w, 4 * w)):
@@ -64,5 +71,5 @@ class SegmentationNet(nn.Module):
     # The last layer computes in at least float32 whatever `dtype`: bfloat16
     # keeps 8 significant bits, which would tie millions of pooled pixels of the map.
     out = precision.widened(self.dtype)
-    x = layers.conv(1, (3, 3), out)(x.astype(out))
+    x = layers.conv(1, (3, 3), out, kernel_init=kernel_init)(x.astype(out))
     return x[..., 0]

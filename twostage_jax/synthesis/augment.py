@@ -1,5 +1,8 @@
 """DRAEM's ten colour/geometry augmenters for anomaly textures, in NumPy/PIL.
 
+The two-stage public code (RizwanAliQau/tasad) draws from four of them
+(`TASAD_AUGMENTERS`); `POOLS` names both sets by their synthesis recipe.
+
 Each augmenter maps a uint8 (H, W, 3) RGB image and a np.random.Generator to a
 new uint8 image of the same shape. Parameter ranges are those of DRAEM's
 imgaug pipeline (imgaug defaults where DRAEM passes none); they define the
@@ -184,18 +187,28 @@ AUGMENTERS: tuple[Augmenter, ...] = (
 )
 
 
+# The public code's four (gamma contrast, multiply-and-add brightness,
+# sharpness, autocontrast; no rotation), with DRAEM's ranges.
+TASAD_AUGMENTERS: tuple[Augmenter, ...] = (gamma_contrast, brightness, sharpness, autocontrast)
+
+# The augmenters of each synthesis recipe ('draem', 'tasad').
+POOLS: dict[str, tuple[Augmenter, ...]] = {'draem': AUGMENTERS, 'tasad': TASAD_AUGMENTERS}
+
+
 def random_augment(image: np.ndarray, rng: np.random.Generator, num: int,
-                   labels: np.ndarray | None = None
+                   labels: np.ndarray | None = None,
+                   pool: tuple[Augmenter, ...] | None = None
                    ) -> tuple[np.ndarray, np.ndarray | None]:
-  """Applies `num` distinct augmenters, drawn without replacement, in order.
+  """Applies `num` distinct augmenters of `pool`, drawn without replacement, in order.
 
   Args:
     image: uint8 (H, W, 3) RGB image.
     rng: random generator for the choice and for each augmenter.
-    num: number of augmenters, at most len(AUGMENTERS).
+    num: number of augmenters, at most len(pool).
     labels: optional integer (H, W) segment ids of `image`; they undergo
       the same rotation when `rotate` is drawn (rotate_labels) and pass the
       colour augmenters unchanged. The random draws do not depend on it.
+    pool: the augmenters to draw from (a value of POOLS); None: AUGMENTERS.
 
   Returns:
     A new, writeable uint8 (H, W, 3) image, and the labels in its geometry
@@ -203,12 +216,15 @@ def random_augment(image: np.ndarray, rng: np.random.Generator, num: int,
   """
   if labels is not None:
     labels = labels.astype(np.int32)
-  for index in rng.choice(len(AUGMENTERS), size=num, replace=False):
-    if AUGMENTERS[index] is rotate:
+  pool = AUGMENTERS if pool is None else pool
+  if num > len(pool):
+    raise ValueError(f'{num} augmenters asked of a pool of {len(pool)}')
+  for index in rng.choice(len(pool), size=num, replace=False):
+    if pool[index] is rotate:
       angle = _rotation_angle(rng)
       image = _rotate_by(image, angle)
       if labels is not None:
         labels = rotate_labels(labels, angle)
     else:
-      image = AUGMENTERS[index](image, rng)
+      image = pool[index](image, rng)
   return np.array(image, dtype=np.uint8), labels

@@ -63,31 +63,43 @@ def perlin_noise(
   return noise
 
 
+# The public code's Perlin threshold (synthesis.recipe 'tasad'): drawn per
+# sample, uniform in this range; its noise is not rotated.
+TASAD_THRESHOLD_RANGE = (0.0, 1.0)
+
+
 def perlin_mask(
     shape: tuple[int, int],
     rng: np.random.Generator,
     config: ml_collections.ConfigDict,
 ) -> np.ndarray:
-  """DRAEM's anomaly shape: rotated Perlin noise above a threshold.
+  """An anomaly shape: Perlin noise above a threshold, by `config.recipe`.
 
   The lattice is 2^a x 2^b with a, b uniform in {0..perlin_max_exponent}, so
-  blobs range from image-sized to a few pixels and are often elongated. The
-  noise is rotated about the centre with bilinear interpolation and zero fill
-  (imgaug's Affine defaults), so the corners outside the rotated field are
-  never masked. PIL rotates float32 images bilinearly like
-  scipy.ndimage.rotate(reshape=False, order=1), about four times faster.
+  blobs range from image-sized to a few pixels and are often elongated.
+
+  - 'draem': the noise is rotated by U(-perlin_rotation, perlin_rotation)
+    about the centre with bilinear interpolation and zero fill (imgaug's
+    Affine defaults), so the corners outside the rotated field are never
+    masked, and thresholded at perlin_threshold. PIL rotates float32 images
+    bilinearly like scipy.ndimage.rotate(reshape=False, order=1), about four
+    times faster.
+  - 'tasad' (the public code): no rotation; the threshold is drawn from
+    TASAD_THRESHOLD_RANGE per sample (larger masks on average, some empty).
 
   Args:
     shape: (height, width) of the mask.
     rng: random generator.
-    config: the synthesis config (perlin_max_exponent, perlin_rotation,
-      perlin_threshold).
+    config: the synthesis config (recipe, perlin_max_exponent, and for
+      'draem' perlin_rotation and perlin_threshold).
 
   Returns:
     bool array of the given shape.
   """
   exp_y, exp_x = rng.integers(0, config.perlin_max_exponent + 1, size=2)
   noise = perlin_noise(shape, (2**int(exp_y), 2**int(exp_x)), rng)
+  if config.recipe == 'tasad':
+    return noise > rng.uniform(*TASAD_THRESHOLD_RANGE)
   angle = rng.uniform(-config.perlin_rotation, config.perlin_rotation)
   rotated = Image.fromarray(noise).rotate(
       angle, resample=Image.Resampling.BILINEAR, fillcolor=0.0)

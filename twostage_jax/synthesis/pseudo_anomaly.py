@@ -16,7 +16,7 @@ def superpixel_paste(source: np.ndarray, labels: np.ndarray, rng: np.random.Gene
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """SAIM's candidate mask and texture, cut along superpixels of the texture itself.
 
-  The source is augmented (num_augmenters of DRAEM's augmenters) and turned
+  The source is augmented (num_augmenters of the recipe's augmenters) and turned
   by an angle of saim_rotations; its SLIC labels undergo the same rotations
   (the augmenters' +-45 degree one included), so the superpixels follow the
   content that is pasted, as when the transformed source is segmented (the
@@ -33,7 +33,8 @@ def superpixel_paste(source: np.ndarray, labels: np.ndarray, rng: np.random.Gene
     (bool (S, S) candidate mask, uint8 (S, S, 3) texture, int32 (S, S)
     labels in the texture's geometry, augment.OUTSIDE outside the source).
   """
-  texture, labels = augment.random_augment(source, rng, config.num_augmenters, labels)
+  texture, labels = augment.random_augment(source, rng, config.num_augmenters, labels,
+                                           augment.POOLS[config.recipe])
   turns = config.saim_rotations[rng.integers(len(config.saim_rotations))] // 90
   texture, labels = np.rot90(texture, k=turns), np.rot90(labels, k=turns)
   return superpixel.superpixel_mask(labels, rng, config.saim_fraction), texture, labels
@@ -52,7 +53,8 @@ class PseudoAnomalySynthesizer:
   out of place).
 
   - Perlin: mask M from perlin.perlin_mask; texture = a random source through
-    num_augmenters augmenters; beta ~ U(0, beta_max);
+    num_augmenters augmenters of the recipe's pool (augment.POOLS); beta ~
+    U(0, beta_max);
     x' = x (1 - M) + (1 - beta) texture M + beta x M.
   - SAIM: a random source with its stored SLIC labels for an n_segments drawn
     from saim_n_segments, cut and pasted by `superpixel_paste` without
@@ -93,6 +95,12 @@ class PseudoAnomalySynthesizer:
       if store.image_shape != sources.image_shape:
         raise ValueError(f'self_sources of shape {store.image_shape} next to anomaly '
                          f'sources of shape {sources.image_shape}')
+    if config.recipe not in augment.POOLS:
+      raise ValueError(f'synthesis.recipe {config.recipe!r} is none of {sorted(augment.POOLS)}')
+    if config.num_augmenters > len(augment.POOLS[config.recipe]):
+      raise ValueError(f'synthesis.num_augmenters = {config.num_augmenters} exceeds the '
+                       f'{len(augment.POOLS[config.recipe])} augmenters of recipe '
+                       f'{config.recipe!r}')
     for angle in config.saim_rotations:
       if angle % 90:
         raise ValueError(f'saim_rotations must be multiples of 90: {angle}.')
@@ -114,7 +122,8 @@ class PseudoAnomalySynthesizer:
     """Candidate mask and the blended values of its pixels (k, 3)."""
     mask = perlin.perlin_mask(image.shape[:2], rng, self._config)
     store, index = self._draw_source(rng)
-    texture, _ = augment.random_augment(store.images[index], rng, self._config.num_augmenters)
+    texture, _ = augment.random_augment(store.images[index], rng, self._config.num_augmenters,
+                                        pool=augment.POOLS[self._config.recipe])
     texture = texture[mask].astype(np.float32) / 255.0
     beta = np.float32(rng.uniform(0.0, self._config.beta_max))
     # x + (1 - beta)(t - x) is the blend above; it returns x bit-exactly

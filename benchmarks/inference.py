@@ -1,16 +1,19 @@
 """Test-time throughput of the full two-stage inference, and SLIC's share of it.
 
   python benchmarks/inference.py --config=configs/mvtec.py \
-      --config.model.width=16 --config.image_size=256 --images=64
+      --config.model.width=16 --config.image_size=256 --images=64 [--json=FILE]
 
-Times `inference.anomaly_maps` (stage 1, host SLIC of every image, the
-refinement, stage 2 and the combined map) on synthetic uint8 test images
-with freshly initialised networks (speed does not depend on the weights),
-after a warm-up call that compiles. SLIC and the networks are also timed
-alone; the full call overlaps them, so SLIC's share is SLIC alone over the
-full call.
+Times `inference.anomaly_maps` (stage 1, SLIC of every image, the refinement,
+stage 2 and the combined map, as the detector runs them) on synthetic uint8
+test images with freshly initialised networks (speed does not depend on the
+weights), after a warm-up call that compiles. Also timed alone: the networks
+and the refinement with the SLIC labels given (networks alone), SLIC on the
+host (scikit-image in worker processes), and with `refine.superpixels` =
+'device' SLIC on the device. The full call overlaps host SLIC with the
+device, so host SLIC's share is SLIC alone over the full call.
 """
 
+import json
 import time
 
 import jax
@@ -26,10 +29,18 @@ from twostage_jax import parallel
 from twostage_jax import precision
 from twostage_jax import superpixel_pool
 from twostage_jax import train_state
+from twostage_jax.methods import two_stage
 
 config_flags.DEFINE_config_file('config', 'configs/mvtec.py', 'Config file.')
 flags.DEFINE_integer('images', 64, 'Test images per timed call.')
+flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
 FLAGS = flags.FLAGS
+
+
+def _timed(fn, *args) -> tuple[float, object]:
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start, out
 
 
 def main(_):
@@ -45,44 +56,57 @@ def main(_):
   model = inference.TrainedModel(config.method, tuple(variables), (1, 1),
                                  methods.get(config.method).final_map(config, (1, 2)))
   batch_size = config.eval.batch_size
+  warm_up_s, _ = _timed(inference.anomaly_maps, config, model, images[:batch_size])
 
-  start = time.perf_counter()
-  inference.anomaly_maps(config, model, images[:batch_size])
-  warm_up_s = time.perf_counter() - start
+  slic_s, labels = _timed(lambda: np.concatenate(list(superpixel_pool.superpixel_batches(
+      images, config, batch_size, config.train.num_workers))))
 
-  start = time.perf_counter()
-  labels = np.concatenate(list(superpixel_pool.superpixel_batches(
-      images, config, batch_size, config.train.num_workers)))
-  slic_s = time.perf_counter() - start
-
-  infer = parallel.per_shard(inference.maps_and_scores_fn(config, model.trained), mesh)
+  host_config = config.copy_and_resolve_references()
+  host_config.refine.superpixels = 'host'
+  infer = parallel.per_shard(inference.maps_and_scores_fn(host_config, model.trained), mesh)
   device_variables = jax.device_put(model.variables, parallel.replicated(mesh))
   batches = [jax.device_put({'image': images[i:i + batch_size], 'labels': labels[i:i + batch_size]},
                             parallel.batch_sharded(mesh))
              for i in range(0, len(images), batch_size)]
   jax.block_until_ready(infer(device_variables, batches[0]))
-  start = time.perf_counter()
-  for batch in batches:
-    maps = infer(device_variables, batch)
-  jax.block_until_ready(maps)
-  device_s = time.perf_counter() - start
+  device_s, _ = _timed(lambda: [infer(device_variables, batch) for batch in batches])
 
-  start = time.perf_counter()
-  maps = inference.anomaly_maps(config, model, images)
-  total_s = time.perf_counter() - start
+  device_slic_s = None
+  if config.refine.superpixels == 'device':
+    slic = parallel.per_shard(
+        lambda _, x: two_stage.device_labels(x.astype(np.float32) / 255.0, config), mesh)
+    jax.block_until_ready(slic(None, batches[0]['image']))
+    device_slic_s, _ = _timed(lambda: [slic(None, batch['image']) for batch in batches])
 
+  total_s, maps = _timed(inference.anomaly_maps, config, model, images)
+
+  n = len(images)
   print(f'machine: {machine.describe()}; {jax.device_count()} x '
         f'{jax.devices()[0].device_kind}, JAX {jax.__version__}')
   print(f'config: image {size}x{size}, width {config.model.width}, compute dtype '
         f'{config.model.compute_dtype} ({jax.numpy.dtype(precision.compute_dtype(config)).name}), '
-        f'eval batch {config.eval.batch_size}, SLIC workers {config.train.num_workers}, '
-        f'maps {", ".join(maps)}')
+        f'eval batch {config.eval.batch_size}, SLIC on the {config.refine.superpixels} '
+        f'({config.train.num_workers} host workers), maps {", ".join(maps)}')
   print(f'warm-up call ({batch_size} images, compiles): {warm_up_s:.1f} s')
-  n = len(images)
-  print(f'SLIC alone:            {slic_s:6.2f} s  {n / slic_s:7.1f} images/s')
+  print(f'host SLIC alone:       {slic_s:6.2f} s  {n / slic_s:7.1f} images/s')
+  if device_slic_s is not None:
+    print(f'device SLIC alone:     {device_slic_s:6.2f} s  {n / device_slic_s:7.1f} images/s  '
+          f'({1e3 * device_slic_s / n:.2f} ms per image)')
   print(f'networks alone:        {device_s:6.2f} s  {n / device_s:7.1f} images/s')
   print(f'full inference:        {total_s:6.2f} s  {n / total_s:7.1f} images/s  '
-        f'(SLIC alone = {slic_s / total_s:.0%} of it)')
+        f'({device_s / total_s:.0%} of the networks-alone rate; host SLIC alone = '
+        f'{slic_s / total_s:.0%} of the full call)')
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
+      json.dump({'machine': machine.describe(), 'jax': jax.__version__,
+                 'device': jax.devices()[0].device_kind, 'images': n, 'image_size': size,
+                 'width': config.model.width, 'superpixels': config.refine.superpixels,
+                 'warm_up_s': warm_up_s, 'full_images_per_s': n / total_s,
+                 'networks_alone_images_per_s': n / device_s,
+                 'full_over_networks_alone': device_s / total_s,
+                 'host_slic_ms_per_image': 1e3 * slic_s / n,
+                 'device_slic_ms_per_image': (None if device_slic_s is None
+                                              else 1e3 * device_slic_s / n)}, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -13,8 +13,9 @@ Adam (benchmarks/torch_twin.py) in the same run: same width, batch, image
 size and dtype, on CUDA when torch sees a GPU, else on the CPU. The two
 steps are timed in interleaved rounds, so load from other jobs hits both
 alike; medians are reported with the ratio JAX / torch.
-On a GPU, float32 means each framework's default there: both convolve in
-TF32 (XLA's default precision, torch's `cudnn.allow_tf32`).
+--tf32 (the default) lets both frameworks convolve float32 in TF32 on a GPU
+(XLA's default precision, torch's `allow_tf32`); --notf32 makes both full
+float32. --json writes the figures to a file as well.
 --breakdown also times the forward pass alone and forward + backward.
 --check-equivalence copies the JAX parameters into the twin and reports how
 far its map, loss and gradients are from the JAX model's.
@@ -22,6 +23,8 @@ far its map, loss and gradients are from the JAX model's.
 
 import functools
 import importlib.util
+import json
+import math
 import statistics
 import sys
 import time
@@ -67,6 +70,12 @@ _XLA_OPTIONS = flags.DEFINE_multi_string(
     'reductions only, so XLA:CPU runs the convolutions with Eigen). Repeatable.')
 _PEAK_TFLOPS = flags.DEFINE_float(
     'peak-tflops', None, "The device's peak TFLOP/s, to print model FLOP utilisation.")
+_MEASURED_TFLOPS = flags.DEFINE_float(
+    'measured-tflops', None,
+    'A matrix-product rate measured on this kind of device, for a second utilisation figure.')
+_TF32 = flags.DEFINE_bool(
+    'tf32', True, 'float32 on a GPU: both frameworks convolve in TF32 (else full float32).')
+_JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
 FLAGS = flags.FLAGS
 
 TORCH_MISSING = (
@@ -211,6 +220,8 @@ def torch_runners(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndar
 
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   torch.backends.cudnn.benchmark = True
+  torch.backends.cudnn.allow_tf32 = _TF32.value
+  torch.backends.cuda.matmul.allow_tf32 = _TF32.value
   torch.manual_seed(0)
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
   model = torch_twin.SegmentationNet(
@@ -319,6 +330,8 @@ def main(_):
   if (_COMPARE_TORCH.value or _CHECK.value) and importlib.util.find_spec('torch') is None:
     sys.exit(TORCH_MISSING)
 
+  jax.config.update('jax_default_matmul_precision',
+                    'tensorfloat32' if _TF32.value else 'float32')
   dtype = jnp.dtype(_DTYPE.value)
   model = methods.get(config.method).create_model(config, 1).clone(dtype=dtype)
   print(f'machine: {machine.describe()}')
@@ -352,6 +365,11 @@ def main(_):
   print(f'timed {_ROUNDS.value} interleaved rounds of {_STEPS.value} steps after warm-up '
         f'({time.perf_counter() - start:.0f} s); per step: median (min, max)')
   medians = {name: statistics.median(t) for name, t in times.items()}
+  figures = {'machine': machine.describe(), 'jax': jax.__version__,
+             'device': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
+             'image_size': size, 'width': width, 'global_batch': batch_size,
+             'dtype': _DTYPE.value, 'tf32': _TF32.value, 'flops_per_step': step_flops,
+             'seconds_per_step': medians, 'rounds': times, 'mfu': {}}
   for name, t in times.items():
     line = (f'  {name:24s} {medians[name] * 1e3:9.2f} ms '
             f'({min(t) * 1e3:.2f}, {max(t) * 1e3:.2f})')
@@ -359,8 +377,10 @@ def main(_):
       achieved = step_flops / medians[name]
       line += (f'   {batch_size / medians[name]:7.1f} images/s   '
                f'{achieved / 1e9:8.1f} GFLOP/s')
-      if _PEAK_TFLOPS.value:
-        line += f'   MFU {100 * achieved / (_PEAK_TFLOPS.value * 1e12):.1f}%'
+      for label, tflops in (('peak', _PEAK_TFLOPS.value), ('measured', _MEASURED_TFLOPS.value)):
+        if tflops:
+          figures['mfu'][f'{name} vs {label} {tflops:g} TFLOP/s'] = achieved / (tflops * 1e12)
+          line += f'   MFU {100 * achieved / (tflops * 1e12):.1f}% of {tflops:g}'
     print(line)
   if _COMPARE_TORCH.value:
     for part in ('forward', 'forward+backward', 'step'):
@@ -370,6 +390,13 @@ def main(_):
         print(f'JAX / torch {part} time: '
               f'{medians[f"jax {part}"] / medians[f"torch {part}"]:.2f} '
               f'(median of the per-round ratios {paired:.2f})')
+        figures[f'jax_over_torch {part}'] = paired
+    figures['torch'] = described
+  if _JSON.value:
+    if not all(math.isfinite(v) for v in medians.values()):
+      raise ValueError(f'a step time is not finite: {medians}')
+    with open(_JSON.value, 'w') as f:
+      json.dump(figures, f, indent=1)
 
 
 if __name__ == '__main__':

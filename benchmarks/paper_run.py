@@ -26,17 +26,6 @@ import time
 from absl import app
 from absl import flags
 
-flags.DEFINE_float('budget-s', None, 'Seconds for the whole phase.', required=True)
-flags.DEFINE_string('step-json', None, "benchmarks/train_step.py's JSON (the step time).",
-                    required=True)
-flags.DEFINE_string('step-name', 'jax step', 'Which timed step of --step-json sizes the run.')
-flags.DEFINE_float('stage2-cost', 2.0, "A stage-2 step's time over a stage-1 step's.")
-flags.DEFINE_float('reserve-s', 100.0, 'Seconds kept for start-up, compilation and evaluation.')
-flags.DEFINE_integer('min-steps', 2, 'Fewest steps per stage; the budget must afford them.')
-flags.DEFINE_integer('max-steps', None, 'Most steps per stage, whatever the budget affords.')
-flags.DEFINE_string('workdir', None, 'Workdir of the run (must not hold a run).',
-                    required=True)
-flags.DEFINE_string('json', None, 'Write the figures to this JSON file.', required=True)
 FLAGS = flags.FLAGS
 
 
@@ -120,5 +109,21 @@ def main(argv):
               f'{row} {r["pixel_auroc"]:.4f}/{r["image_auroc"]:.4f}' for row, r in rows.items()))
 
 
+def _define_flags() -> None:
+  """Defined when run as a script only, so that importing `sized_steps` defines no flags."""
+  flags.DEFINE_float('budget-s', None, 'Seconds for the whole phase.', required=True)
+  flags.DEFINE_string('step-json', None, "benchmarks/train_step.py's JSON (the step time).",
+                      required=True)
+  flags.DEFINE_string('step-name', 'jax step', 'Which timed step of --step-json sizes the run.')
+  flags.DEFINE_float('stage2-cost', 2.0, "A stage-2 step's time over a stage-1 step's.")
+  flags.DEFINE_float('reserve-s', 100.0, 'Seconds kept for start-up, compilation and evaluation.')
+  flags.DEFINE_integer('min-steps', 2, 'Fewest steps per stage; the budget must afford them.')
+  flags.DEFINE_integer('max-steps', None, 'Most steps per stage, whatever the budget affords.')
+  flags.DEFINE_string('workdir', None, 'Workdir of the run (must not hold a run).',
+                      required=True)
+  flags.DEFINE_string('json', None, 'Write the figures to this JSON file.', required=True)
+
+
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -27,10 +27,9 @@ from twostage_jax import inference
 from twostage_jax import methods
 from twostage_jax import parallel
 from twostage_jax import precision
-from twostage_jax import superpixel_pool
 from twostage_jax import train_state
-from twostage_jax.methods import two_stage
-
+from twostage_jax.methods.two_stage import host_slic
+from twostage_jax.methods.two_stage import method as two_stage
 config_flags.DEFINE_config_file('config', 'configs/mvtec.py', 'Config file.')
 flags.DEFINE_integer('images', 64, 'Test images per timed call.')
 flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
@@ -58,7 +57,7 @@ def main(_):
   batch_size = config.eval.batch_size
   warm_up_s, _ = _timed(inference.anomaly_maps, config, model, images[:batch_size])
 
-  slic_s, labels = _timed(lambda: np.concatenate(list(superpixel_pool.superpixel_batches(
+  slic_s, labels = _timed(lambda: np.concatenate(list(host_slic.superpixel_batches(
       images, config, batch_size, config.train.num_workers))))
 
   host_config = config.copy_and_resolve_references()

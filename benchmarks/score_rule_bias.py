@@ -31,7 +31,7 @@ from twostage_jax import inference
 from twostage_jax import losses
 from twostage_jax import metrics
 from twostage_jax import run_config
-from twostage_jax.methods import two_stage
+from twostage_jax.methods.two_stage import method as two_stage
 from twostage_jax.synthesis import distortion
 from twostage_jax.synthesis import pseudo_anomaly
 

@@ -1,4 +1,4 @@
-"""JAX SLIC (twostage_jax/superpixels.py) against scikit-image's: agreement and time.
+"""JAX SLIC (twostage_jax/methods/two_stage/device_slic.py) against scikit-image's: agreement and time.
 
   python benchmarks/superpixels.py
   python benchmarks/superpixels.py --data-dir /data/mvtec_ad --categories bottle grid
@@ -25,8 +25,8 @@ from sklearn import metrics
 
 import machine
 from configs import mvtec as mvtec_config
-from twostage_jax import superpixels
 from twostage_jax.data import mvtec
+from twostage_jax.methods.two_stage import device_slic
 
 _DEFAULT_DATA_DIR = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data', 'mvtec_ad')
@@ -47,7 +47,7 @@ def _jax(images: np.ndarray, settings: dict, connectivity: bool, batch_size: int
   count = len(images)
   padded = images[np.arange(count + -count % batch_size) % count]
   batches = [jax.device_put(padded[i:i + batch_size]) for i in range(0, len(padded), batch_size)]
-  segment = lambda batch: superpixels.slic_labels(
+  segment = lambda batch: device_slic.slic_labels(
       batch, enforce_connectivity=connectivity, **settings).block_until_ready()
   segment(batches[0])
   start = time.perf_counter()
@@ -57,7 +57,7 @@ def _jax(images: np.ndarray, settings: dict, connectivity: bool, batch_size: int
 
 def _agreement(ours: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Per image: matched pixel agreement and adjusted Rand index."""
-  matched = np.array([superpixels.matched_agreement(a, b) for a, b in zip(ours, reference)])
+  matched = np.array([device_slic.matched_agreement(a, b) for a, b in zip(ours, reference)])
   rand = np.array([metrics.adjusted_rand_score(b.ravel(), a.ravel())
                    for a, b in zip(ours, reference)])
   return matched, rand

@@ -1,6 +1,6 @@
 """The stage-1 network, objective and train step written once more in PyTorch.
 
-A twin of `twostage_jax.models.SegmentationNet` and `losses.ssim_l2_loss`,
+A twin of `twostage_jax.models.segmentation.SegmentationNet` and `losses.ssim_l2_loss`,
 so benchmarks/train_step.py can time the JAX step against the framework the
 papers' code uses, on the same machine, with the same shapes. Torch is a
 benchmark-only dependency (not in requirements.txt); this module imports it.

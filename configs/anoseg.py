@@ -1,7 +1,7 @@
 """AnoSeg (paper 003) on one MVTec AD category, at the paper's size: 256x256, batch 16.
 
 Stage 1 trains the segmentation GAN, stage 2 the anomaly detector on its
-frozen maps (twostage_jax/methods/anoseg.py). The paper gives no training
+frozen maps (twostage_jax/methods/anoseg/method.py). The paper gives no training
 lengths, learning rates, loss weights or augmentation ranges: every such
 value below says where it comes from.
 
@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.cutpaste.area_max = 0.15
   config.cutpaste.aspect_min = 0.3
 
-  # Networks of Table 6 (twostage_jax/models/anoseg.py).
+  # Networks of Table 6 (twostage_jax/methods/anoseg/model.py).
   config.model = ml_collections.ConfigDict()
   config.model.encoder_widths = (64, 128, 256, 512)  # ResNet-18, from scratch
   config.model.decoder_widths = (512, 256, 128, 128, 128, 128)

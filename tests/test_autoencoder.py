@@ -12,7 +12,7 @@ import pytest
 import parallel_steps  # tests/parallel_steps.py
 from layer_dtypes import conv_output_dtypes, float64_output_dtypes  # tests/layer_dtypes.py
 from twostage_jax import losses
-from twostage_jax.models import BauerAutoencoder
+from twostage_jax.methods.bauer.model import BauerAutoencoder
 
 
 def paper_model():

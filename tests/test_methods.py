@@ -99,9 +99,14 @@ class _SquareFinder(base.Method):
                                                             train=False)}
 
 
-def test_a_new_method_plugs_in_by_registering_it(monkeypatch, tmp_path):
-  registry = methods._REGISTRY  # pylint: disable=protected-access
-  monkeypatch.setitem(registry, 'square_finder', _SquareFinder())
+@pytest.fixture
+def square_finder():
+  methods.register(_SquareFinder())
+  yield
+  methods.unregister('square_finder')
+
+
+def test_a_new_method_plugs_in_by_registering_it(square_finder, tmp_path):
   config = demo.get_config()
   config.update_from_flattened_dict({
       'method': 'square_finder', 'cache_dir': str(tmp_path / 'cache'), 'image_size': 32,

@@ -13,7 +13,8 @@ from skimage.metrics import structural_similarity
 from configs import mvtec
 from layer_dtypes import conv_output_dtypes, float64_output_dtypes  # tests/layer_dtypes.py
 from twostage_jax import losses
-from twostage_jax.models import SegmentationNet, layers
+from twostage_jax.methods.two_stage.model import SegmentationNet
+from twostage_jax.models import layers
 
 
 def count_params(width, image_size=256, dtype=jnp.float32):

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh
 
 from twostage_jax import parallel
-from twostage_jax.models.segmentation import DATA_AXIS
+from twostage_jax.parallel import DATA_AXIS
 
 import child_process  # tests/child_process.py
 import parallel_steps  # tests/parallel_steps.py

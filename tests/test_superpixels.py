@@ -1,4 +1,4 @@
-"""Tests of the JAX SLIC (twostage_jax/superpixels.py) against scikit-image's."""
+"""Tests of the JAX SLIC (twostage_jax/methods/two_stage/device_slic.py) against scikit-image's."""
 
 import os
 
@@ -10,9 +10,9 @@ from scipy import ndimage
 from skimage import segmentation
 from skimage.util import regular_grid
 
-from twostage_jax import superpixels
 from twostage_jax.data import images
 from twostage_jax.data import mvtec
+from twostage_jax.methods.two_stage import device_slic
 
 import compile_speed  # tests/compile_speed.py
 
@@ -45,7 +45,7 @@ def _skimage(image: np.ndarray, connectivity: bool, n_segments: int, compactness
 
 
 def _jax(batch: np.ndarray, connectivity: bool, **settings) -> np.ndarray:
-  return np.asarray(superpixels.slic_labels(batch.astype(np.float32),
+  return np.asarray(device_slic.slic_labels(batch.astype(np.float32),
                                             enforce_connectivity=connectivity, **settings))
 
 
@@ -54,7 +54,7 @@ def test_synthetic_images_match_skimage():
   batch = np.stack([_blocks(0), _blocks(1), _gradient()])
   labels = _jax(batch, False, **_SMALL)
   for image, ours in zip(batch, labels):
-    assert superpixels.matched_agreement(ours, _skimage(image, False, **_SMALL)) >= 0.99
+    assert device_slic.matched_agreement(ours, _skimage(image, False, **_SMALL)) >= 0.99
 
 
 def test_emptied_segment_matches_skimage():
@@ -65,7 +65,7 @@ def test_emptied_segment_matches_skimage():
   centres = np.zeros((1, 48, 48))[regular_grid((1, 48, 48), settings['n_segments'])].size
   assert len(np.unique(reference)) < centres  # the case is exercised
   ours = _jax(image[None], False, **settings)[0]
-  assert superpixels.matched_agreement(ours, reference) >= 0.99
+  assert device_slic.matched_agreement(ours, reference) >= 0.99
   assert set(np.unique(ours)) == set(np.unique(reference))
 
 
@@ -92,10 +92,10 @@ def test_real_images_match_skimage(connectivity):
   batch = _real_images()
   # 4 images of 256 x 256: compiled as users' are, to run fast.
   labels = np.asarray(compile_speed.at_xla_defaults(
-      superpixels.slic_labels, batch, enforce_connectivity=connectivity, **_REFINE)(batch))
+      device_slic.slic_labels, batch, enforce_connectivity=connectivity, **_REFINE)(batch))
   for image, ours in zip(batch, labels):
     reference = _skimage(image, connectivity, **_REFINE)
-    assert superpixels.matched_agreement(ours, reference) >= 0.95
+    assert device_slic.matched_agreement(ours, reference) >= 0.95
 
 
 def test_batch_equals_one_at_a_time():
@@ -112,7 +112,7 @@ def test_connectivity_equals_skimage_kernel():
   max_size, orphan regions with no labelled neighbour, chains of adoptions.
   """
   kernel = pytest.importorskip('skimage.segmentation._slic')
-  enforce = jax.jit(superpixels._enforce_connectivity)  # sizes traced: one compilation
+  enforce = jax.jit(device_slic._enforce_connectivity)  # sizes traced: one compilation
   rng = np.random.default_rng(0)
   for _ in range(20):
     block = int(rng.integers(1, 8))
@@ -147,7 +147,7 @@ def test_connected_regions_of_minimum_size():
 
 def test_uint8_and_float_inputs_agree():
   image = (_blocks(5) * 255).round().astype(np.uint8)
-  from_uint8 = superpixels.slic_labels(image[None], enforce_connectivity=False, **_SMALL)
-  from_float = superpixels.slic_labels(image[None] / np.float32(255), enforce_connectivity=False,
+  from_uint8 = device_slic.slic_labels(image[None], enforce_connectivity=False, **_SMALL)
+  from_float = device_slic.slic_labels(image[None] / np.float32(255), enforce_connectivity=False,
                                        **_SMALL)
   np.testing.assert_array_equal(np.asarray(from_uint8), np.asarray(from_float))

@@ -18,8 +18,8 @@ import pytest
 
 from configs import demo
 from twostage_jax import pipeline
-from twostage_jax import superpixel_pool
 from twostage_jax import synthesis
+from twostage_jax.methods.two_stage import host_slic
 
 # The requirement: a dead worker ends the iteration within 10 s of its death.
 DEADLINE_S = 10.0
@@ -152,7 +152,7 @@ def test_a_pipeline_worker_dying_mid_sample_ends_the_iteration(tmp_path, images,
 @pytest.mark.parametrize('sig,why', DEATHS, ids=['SIGKILL', 'SIGSEGV'])
 def test_a_slic_worker_dying_mid_labelling_ends_the_iteration(sig, why):
   images = np.random.default_rng(1).integers(0, 256, (48, 160, 160, 3), dtype=np.uint8)
-  stream = superpixel_pool.superpixel_batches(images, demo.get_config(), batch_size=4,
+  stream = host_slic.superpixel_batches(images, demo.get_config(), batch_size=4,
                                               num_workers=2)
   next(stream)  # the workers are up and label the next batches
   victim = multiprocessing.active_children()[0].pid
@@ -200,7 +200,7 @@ def test_pipeline_workers_import_neither_jax_nor_flax_nor_orbax(images):
 @pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='reads /proc/<pid>/maps')
 def test_slic_workers_do_not_load_jax():
   images = np.random.default_rng(2).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
-  stream = superpixel_pool.superpixel_batches(images, demo.get_config(), batch_size=4,
+  stream = host_slic.superpixel_batches(images, demo.get_config(), batch_size=4,
                                               num_workers=2)
   next(stream)  # the workers have imported what labelling needs
   workers = multiprocessing.active_children()
@@ -215,8 +215,8 @@ def test_slic_workers_do_not_load_jax():
 def test_pooled_slic_labels_equal_serial_ones():
   images = np.random.default_rng(3).integers(0, 256, (19, 32, 32, 3), dtype=np.uint8)
   config = demo.get_config()
-  serial = list(superpixel_pool.superpixel_batches(images, config, 5, num_workers=0))
-  pooled = list(superpixel_pool.superpixel_batches(images, config, 5, num_workers=2))
+  serial = list(host_slic.superpixel_batches(images, config, 5, num_workers=0))
+  pooled = list(host_slic.superpixel_batches(images, config, 5, num_workers=2))
   assert [b.shape for b in pooled] == [(5, 32, 32)] * 3 + [(4, 32, 32)]
   for x, y in zip(serial, pooled, strict=True):
     assert y.dtype == np.int32

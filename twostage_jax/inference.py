@@ -22,7 +22,7 @@ from twostage_jax import methods
 from twostage_jax import parallel
 from twostage_jax import train_state
 from twostage_jax import xla_options
-from twostage_jax.models.segmentation import DATA_AXIS
+from twostage_jax.parallel import DATA_AXIS
 
 Variables = train_state.Variables
 

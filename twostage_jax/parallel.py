@@ -14,7 +14,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from twostage_jax.models.segmentation import DATA_AXIS
+# Name of the mapped device axis; batch statistics (BatchNorm) are averaged over it.
+DATA_AXIS = 'data'
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:

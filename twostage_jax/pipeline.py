@@ -12,7 +12,7 @@ continues the exact stream. This module never imports JAX: it runs in the
 worker processes.
 
 The workers are a `WorkerPool`, shared with the SLIC pool of evaluation
-(superpixel_pool.py): a worker that dies, killed by the out-of-memory killer
+(methods/two_stage/host_slic.py): a worker that dies, killed by the out-of-memory killer
 or crashed in a C extension, ends the iteration with `WorkerDied` instead of
 leaving it waiting forever for the lost batch.
 """

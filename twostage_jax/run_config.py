@@ -37,7 +37,7 @@ CHECKPOINTS_NAME = 'checkpoints'
 # (stage 2 on a workdir whose stage 1 was trained alone), how a run logs, feeds
 # and compiles, which checkpoints it evaluates, how it scores and thresholds,
 # where it predicts and what it exports for, and where the refinement's SLIC
-# runs (the same algorithm on host or device; superpixels.py). A key covers
+# runs (the same algorithm on host or device; methods/two_stage/device_slic.py). A key covers
 # the keys below it.
 PER_RUN_KEYS = (
     'stage',

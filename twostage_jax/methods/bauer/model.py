@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from twostage_jax import precision
 from twostage_jax.models import layers
-from twostage_jax.models.segmentation import DATA_AXIS
+from twostage_jax.parallel import DATA_AXIS
 
 
 class BauerAutoencoder(nn.Module):

@@ -1,7 +1,7 @@
 """SLIC superpixels on the accelerator: scikit-image's `slic`, in JAX.
 
 The refinement needs SLIC labels of every input image; on the host they are
-computed in worker processes (superpixel_pool.py, synthesis/superpixel.py).
+computed in worker processes (host_slic.py, synthesis/superpixel.py).
 This module runs the same algorithm jitted and batched, next to the network.
 It follows scikit-image 0.26's `slic` (slic_superpixels.py and the Cython
 kernel _slic.pyx) step by step, for 2D RGB images without a mask, spacing or

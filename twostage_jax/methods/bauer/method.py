@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from twostage_jax import area_protocol
 from twostage_jax import losses
 from twostage_jax import pipeline
 from twostage_jax import precision
 from twostage_jax import synthesis
 from twostage_jax.methods import base
 from twostage_jax.methods import synthesis_rules
-from twostage_jax.models import BauerAutoencoder
+from twostage_jax.methods.bauer import area_protocol
+from twostage_jax.methods.bauer.model import BauerAutoencoder
 
 AUTOENCODER = 'autoencoder'
 
@@ -119,3 +119,6 @@ class Bauer(base.Method):
     threshold = area_protocol.area_threshold(held_out_maps, area)
     return {'area_protocol': area_protocol.evaluate_at_area_threshold(
         test_maps, test.masks, test.labels, threshold, area)}
+
+
+METHOD = Bauer()

@@ -23,13 +23,13 @@ from twostage_jax import data
 from twostage_jax import losses
 from twostage_jax import pipeline
 from twostage_jax import precision
-from twostage_jax import refine
-from twostage_jax import superpixel_pool
-from twostage_jax import superpixels
 from twostage_jax import synthesis
 from twostage_jax.methods import base
 from twostage_jax.methods import synthesis_rules
-from twostage_jax.models import SegmentationNet
+from twostage_jax.methods.two_stage import device_slic
+from twostage_jax.methods.two_stage import host_slic
+from twostage_jax.methods.two_stage import refine
+from twostage_jax.methods.two_stage.model import SegmentationNet
 from twostage_jax.models import layers
 
 STAGE1, STAGE2, COMBINED = 'stage 1', 'stage 2', 'combined'
@@ -43,7 +43,7 @@ def _on_device(config: ml_collections.ConfigDict) -> bool:
 def device_labels(images: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
   """int32 (B, H, W) SLIC labels of float (B, H, W, 3) images in [0, 1], on the device."""
   refine_config = config.refine
-  return superpixels.slic_labels(images, refine_config.n_segments, refine_config.compactness,
+  return device_slic.slic_labels(images, refine_config.n_segments, refine_config.compactness,
                                  refine_config.sigma,
                                  enforce_connectivity=refine_config.connectivity)
 
@@ -217,5 +217,8 @@ class TwoStage(base.Method):
     if 2 not in trained or _on_device(config):
       yield from super().host_inputs(config, trained, images, batch_size, num_workers)
       return
-    for labels in superpixel_pool.superpixel_batches(images, config, batch_size, num_workers):
+    for labels in host_slic.superpixel_batches(images, config, batch_size, num_workers):
       yield {'labels': labels}
+
+
+METHOD = TwoStage()

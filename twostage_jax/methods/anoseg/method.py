@@ -1,7 +1,7 @@
 """AnoSeg (paper 003) as a method: a segmentation GAN, then its anomaly detector.
 
 Stage 1 trains AnoSeg: an encoder with a map decoder and an image decoder
-(models/anoseg.py) on normal images and hard-augmented CutPaste anomalies
+(model.py) on normal images and hard-augmented CutPaste anomalies
 (synthesis/cutpaste.py), with L_Seg, the masked reconstruction loss L_Re and
 an adversarial loss whose discriminator judges (image, mask) pairs. Stage 2
 trains the anomaly detector of Sec. 3.4 and Appendix A on stage 1's frozen
@@ -30,15 +30,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from twostage_jax import adversarial_losses as losses
 from twostage_jax import network_state
 from twostage_jax import pipeline
 from twostage_jax import precision
 from twostage_jax import schedules
 from twostage_jax import synthesis
 from twostage_jax.methods import base
-from twostage_jax.models.anoseg import ENCODER_STRIDE, AnoSegNet, Discriminator
-from twostage_jax.models.segmentation import DATA_AXIS
+from twostage_jax.methods.anoseg import adversarial_losses as losses
+from twostage_jax.methods.anoseg.model import ENCODER_STRIDE, AnoSegNet, Discriminator
+from twostage_jax.parallel import DATA_AXIS
 
 SEGMENTATION, DETECTOR = 'anoseg', 'detector'
 IMAGE_SCORES = ('detector', 'map')  # eval.image_score: Eq. 5, or eval.score_rule of the map
@@ -363,3 +363,6 @@ def detector_step(state: network_state.AdversarialState, batch: base.Batch, key:
 
   return _update_generator(state, discriminator, generator_loss, outputs, pullback,
                            generator_stats, metrics)
+
+
+METHOD = AnoSeg()

@@ -14,9 +14,8 @@ import jax.numpy as jnp
 
 from twostage_jax import precision
 from twostage_jax.models import layers
+from twostage_jax.parallel import DATA_AXIS
 
-# Name of the mapped device axis; BatchNorm statistics are averaged over it.
-DATA_AXIS = 'data'
 
 
 class SegmentationNet(nn.Module):

@@ -1,6 +1,6 @@
 """UTAD (paper 002) as a method: the impression extractor, then the Expert-Net.
 
-Stage 1 trains IE-Net (models/utad.py) on normal images to reconstruct an
+Stage 1 trains IE-Net (model.py) on normal images to reconstruct an
 anomaly-free impression m of each image through a Gaussian latent code,
 maximising the mutual information of images and codes with a KL term that
 keeps the codes Gaussian (Eq. 3; mutual_information.py). Stage 2 trains the
@@ -26,16 +26,16 @@ import numpy as np
 import optax
 
 from twostage_jax import losses
-from twostage_jax import mutual_information
 from twostage_jax import network_state
-from twostage_jax import perceptual
 from twostage_jax import pipeline
 from twostage_jax import precision
 from twostage_jax import schedules
 from twostage_jax import synthesis
 from twostage_jax.methods import base
-from twostage_jax.models.segmentation import DATA_AXIS
-from twostage_jax.models.utad import ExpertNet, IENet
+from twostage_jax.methods.utad import mutual_information
+from twostage_jax.methods.utad import perceptual
+from twostage_jax.methods.utad.model import ExpertNet, IENet
+from twostage_jax.parallel import DATA_AXIS
 
 IMPRESSION_MAP, UTAD_MAP = 'impression', 'utad'
 # Stage 2's batch key holding IE-Net's impression of the image.
@@ -273,3 +273,6 @@ def expert_step(state: network_state.TrainState, batch: base.Batch, key: jax.Arr
                    'detail_loss': detail}, state.batch_stats)
 
   return network_state.update(state, loss_fn)
+
+
+METHOD = UTAD()

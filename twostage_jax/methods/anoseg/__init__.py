@@ -1,0 +1,1 @@
+"""AnoSeg: its plug-in, segmentation network and discriminator, and adversarial losses."""

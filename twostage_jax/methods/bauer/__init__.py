@@ -1,0 +1,1 @@
+"""Bauer's self-supervised autoencoder: its plug-in, network and area protocol."""

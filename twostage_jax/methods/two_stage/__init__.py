@@ -1,0 +1,1 @@
+"""The two-stage coarse-to-fine model: its plug-in, network, refinement and SLIC on host and device."""

@@ -3,7 +3,7 @@
   python benchmarks/inference.py --config=configs/mvtec.py \
       --config.model.width=16 --config.image_size=256 --images=64 [--json=FILE]
 
-Times `inference.anomaly_maps` (stage 1, SLIC of every image, the refinement,
+Times `engine.anomaly_maps` (stage 1, SLIC of every image, the refinement,
 stage 2 and the combined map, as the detector runs them) on synthetic uint8
 test images with freshly initialised networks (speed does not depend on the
 weights), after a warm-up call that compiles. Also timed alone: the networks
@@ -23,13 +23,13 @@ from absl import flags
 from ml_collections import config_flags
 
 import machine
-from twostage_jax import inference
 from twostage_jax import methods
-from twostage_jax import parallel
-from twostage_jax import precision
-from twostage_jax import train_state
+from twostage_jax.inference import engine
 from twostage_jax.methods.two_stage import host_slic
 from twostage_jax.methods.two_stage import method as two_stage
+from twostage_jax.runtime import parallel
+from twostage_jax.training import precision
+from twostage_jax.training import train_state
 config_flags.DEFINE_config_file('config', 'configs/mvtec.py', 'Config file.')
 flags.DEFINE_integer('images', 64, 'Test images per timed call.')
 flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
@@ -52,17 +52,17 @@ def main(_):
           train_state.create_train_state(config, train_state.prng_key(seed)),
           parallel.replicated(mesh))))
       for seed in (0, 1)]
-  model = inference.TrainedModel(config.method, tuple(variables), (1, 1),
+  model = engine.TrainedModel(config.method, tuple(variables), (1, 1),
                                  methods.get(config.method).final_map(config, (1, 2)))
   batch_size = config.eval.batch_size
-  warm_up_s, _ = _timed(inference.anomaly_maps, config, model, images[:batch_size])
+  warm_up_s, _ = _timed(engine.anomaly_maps, config, model, images[:batch_size])
 
   slic_s, labels = _timed(lambda: np.concatenate(list(host_slic.superpixel_batches(
       images, config, batch_size, config.train.num_workers))))
 
   host_config = config.copy_and_resolve_references()
   host_config.refine.superpixels = 'host'
-  infer = parallel.per_shard(inference.maps_and_scores_fn(host_config, model.trained), mesh)
+  infer = parallel.per_shard(engine.maps_and_scores_fn(host_config, model.trained), mesh)
   device_variables = jax.device_put(model.variables, parallel.replicated(mesh))
   batches = [jax.device_put({'image': images[i:i + batch_size], 'labels': labels[i:i + batch_size]},
                             parallel.batch_sharded(mesh))
@@ -77,7 +77,7 @@ def main(_):
     jax.block_until_ready(slic(None, batches[0]['image']))
     device_slic_s, _ = _timed(lambda: [slic(None, batch['image']) for batch in batches])
 
-  total_s, maps = _timed(inference.anomaly_maps, config, model, images)
+  total_s, maps = _timed(engine.anomaly_maps, config, model, images)
 
   n = len(images)
   print(f'machine: {machine.describe()}; {jax.device_count()} x '

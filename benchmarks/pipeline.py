@@ -30,8 +30,8 @@ import numpy as np
 import machine
 from configs import bauer
 from configs import mvtec
-from twostage_jax import pipeline
 from twostage_jax import synthesis
+from twostage_jax.runtime import pipeline
 from twostage_jax.synthesis import samples
 
 _NUM_NORMAL_IMAGES = 16

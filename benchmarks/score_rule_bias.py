@@ -27,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from twostage_jax import data
-from twostage_jax import inference
 from twostage_jax import losses
-from twostage_jax import metrics
-from twostage_jax import run_config
+from twostage_jax.evaluation import metrics
+from twostage_jax.inference import engine
 from twostage_jax.methods.two_stage import method as two_stage
 from twostage_jax.synthesis import distortion
 from twostage_jax.synthesis import pseudo_anomaly
+from twostage_jax.workdir import run_config
 
 PAPER_SIZE, PAPER_WINDOW = 256, 21  # the papers' window at their image size
 BACKGROUND, HEIGHT = 0.1, 0.5
@@ -56,9 +56,9 @@ def rules(image_size: int) -> dict[str, Callable[[jax.Array], jax.Array]]:
   scaled = scaled_window(image_size)
   return {
       f'papers ({PAPER_WINDOW}, zeros outside)':
-          lambda m: inference.mean_filter_max(m, PAPER_WINDOW),
+          lambda m: engine.mean_filter_max(m, PAPER_WINDOW),
       f'normalised inside ({PAPER_WINDOW})': lambda m: mean_filter_max_inside(m, PAPER_WINDOW),
-      f'papers, scaled ({scaled})': lambda m: inference.mean_filter_max(m, scaled),
+      f'papers, scaled ({scaled})': lambda m: engine.mean_filter_max(m, scaled),
       'max': lambda m: m.max(axis=(1, 2)),
   }
 
@@ -85,7 +85,7 @@ def blob_bias(size: int, stride: int) -> None:
   """Prints min and max r over positions for each rule, blob side and smoothing."""
   sigma = 4.0 * size / 64  # the CPU recipes' sigma 4 at 64 x 64, scaled
   smoothings = {'σ 0': lambda m: m,
-                f'σ {sigma:g} reflected': lambda m: inference.smooth(m, sigma),
+                f'σ {sigma:g} reflected': lambda m: engine.smooth(m, sigma),
                 f'σ {sigma:g} zeros (before)': lambda m: zero_padded_smooth(m, sigma)}
   print(f'\n{size}x{size}: r = (score - background) / (centred blob - background)\n')
   print('| blob side | smoothing | rule | min r | max r | max abs(r - 1) |')
@@ -128,7 +128,7 @@ def held_out_samples(config, images: np.ndarray, seed: int = 0
 def held_out_auroc(workdir: str) -> None:
   """Prints each rule's image AUROC on the run's held-out images with pseudo-anomalies."""
   config = run_config.load(workdir)
-  model = inference.load_model(config, workdir)
+  model = engine.load_model(config, workdir)
   normal = data.training_images(config)[1]
   anomalous, masks = held_out_samples(config, normal)
   size = config.image_size
@@ -142,8 +142,8 @@ def held_out_auroc(workdir: str) -> None:
   for sigma in (0.0, config.eval.map_sigma):
     config.eval.map_sigma = sigma
     final = model.final_map
-    maps_normal = inference.anomaly_maps(config, model, normal)[final]
-    maps_anomalous = inference.anomaly_maps(config, model, anomalous)[final]
+    maps_normal = engine.anomaly_maps(config, model, normal)[final]
+    maps_anomalous = engine.anomaly_maps(config, model, anomalous)[final]
     for rule_name, rule in rules(size).items():
       score = jax.jit(rule)
       s_normal = np.asarray(score(jnp.asarray(maps_normal)))

@@ -27,8 +27,8 @@ import machine
 
 from configs import mvtec
 from twostage_jax import data
-from twostage_jax import pipeline
 from twostage_jax import synthesis
+from twostage_jax.runtime import pipeline
 
 _PAGE = 4096
 

@@ -14,15 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from twostage_jax import data
-from twostage_jax import inference
 from twostage_jax import methods
-from twostage_jax import metrics
-from twostage_jax import run_config
-
-
+from twostage_jax.evaluation import metrics
+from twostage_jax.inference import engine
+from twostage_jax.workdir import run_config
 def main(workdir: str, count: int = 64, seed: int = 1) -> None:
   config = run_config.load(workdir)
-  model = inference.load_model(config, workdir)
+  model = engine.load_model(config, workdir)
   method = methods.get(config.method)
   images, _ = data.training_images(config)
   sample = method.sampler_factory(config, 1, images)()

@@ -162,7 +162,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.log_every = 50
   config.train.checkpoint_every = 1000
   config.train.keep_checkpoints = 3
-  # TensorBoard logs in <workdir>/tensorboard/stage<n>/ (twostage_jax/summaries.py):
+  # TensorBoard logs in <workdir>/tensorboard/stage<n>/ (twostage_jax/training/summaries.py):
   # the metrics.jsonl scalars, and with tensorboard_images > 0 that many
   # pseudo-anomaly samples at the start and held-out maps at each checkpoint.
   config.train.tensorboard = True

@@ -40,11 +40,10 @@ import optax
 from configs import demo
 from twostage_jax import data
 from twostage_jax import methods
-from twostage_jax import parallel
-from twostage_jax import pipeline
-from twostage_jax import train_state
-from twostage_jax import train_step
-
+from twostage_jax.runtime import parallel
+from twostage_jax.runtime import pipeline
+from twostage_jax.training import train_state
+from twostage_jax.training import train_step
 # SGD makes the update linear in the averaged gradient, so parameters after
 # the step compare at the precision of the gradient itself. (Adam divides
 # each element by its own magnitude: see tests/test_parallel.py.)

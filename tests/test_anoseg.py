@@ -18,21 +18,21 @@ import parallel_steps  # tests/parallel_steps.py
 import tiny_runs  # tests/tiny_runs.py
 from configs import anoseg
 from configs import anoseg_cpu
-from twostage_jax import calibration
 from twostage_jax import config_validation
 from twostage_jax import data
-from twostage_jax import detector
-from twostage_jax import evaluate
-from twostage_jax import inference
 from twostage_jax import methods
-from twostage_jax import metrics
-from twostage_jax import parallel
-from twostage_jax import pipeline
-from twostage_jax import train_state
+from twostage_jax.evaluation import evaluate
+from twostage_jax.evaluation import metrics
+from twostage_jax.inference import calibration
+from twostage_jax.inference import detector
+from twostage_jax.inference import engine
 from twostage_jax.methods.anoseg import adversarial_losses as losses
 from twostage_jax.methods.anoseg import method as anoseg_method
 from twostage_jax.methods.anoseg import model as models
-from twostage_jax.parallel import DATA_AXIS
+from twostage_jax.runtime import parallel
+from twostage_jax.runtime import pipeline
+from twostage_jax.runtime.parallel import DATA_AXIS
+from twostage_jax.training import train_state
 
 METHOD = methods.get('anoseg')
 
@@ -438,7 +438,7 @@ def test_a_short_run_lowers_the_segmentation_loss_and_separates_anomalies(traine
   losses_ = [r['segmentation_loss'] for r in rows if 'segmentation_loss' in r]
   assert len(losses_) >= 10
   assert np.mean(losses_[-3:]) < 0.7 * np.mean(losses_[:2])
-  model = inference.load_model(config, workdir)
+  model = engine.load_model(config, workdir)
   before = synthetic_separation(config, initial)
   after = synthetic_separation(config, model.variables[0])
   assert after > before + 0.1, (before, after)
@@ -451,10 +451,10 @@ def test_evaluation_reports_the_map_score_and_the_detector_score(trained):
   assert list(results['rows']) == ['anoseg', 'detector'] and results['final_map'] == 'detector'
   rows = results['rows']
   assert rows['anoseg']['pixel_auroc'] == rows['detector']['pixel_auroc']
-  model = inference.load_model(config, workdir)
+  model = engine.load_model(config, workdir)
   test = data.category_test_set(config)
-  maps, scores = inference.maps_and_scores(config, model, test.images)
-  rule = inference.image_scores(config, {'m': maps['anoseg']})['m']
+  maps, scores = engine.maps_and_scores(config, model, test.images)
+  rule = engine.image_scores(config, {'m': maps['anoseg']})['m']
   float32_tolerance.assert_same_function(scores['anoseg'], rule)
   assert not np.allclose(scores['detector'], rule)  # Eq. 5, not the rule
   assert (scores['detector'] >= 0).all()
@@ -469,17 +469,17 @@ def test_the_image_score_is_selectable_and_thresholds_follow_it(trained):
   config, workdir, _ = trained
   by_map = config.copy_and_resolve_references()
   by_map.eval.image_score = 'map'
-  model = inference.load_model(by_map, workdir)
+  model = engine.load_model(by_map, workdir)
   assert model.final_map == 'anoseg'
   thresholds = calibration.ensure_thresholds(by_map, workdir, model)
   assert thresholds['map'] == 'anoseg'
   detector_thresholds = calibration.ensure_thresholds(config, workdir,
-                                                      inference.load_model(config, workdir))
+                                                      engine.load_model(config, workdir))
   assert detector_thresholds['map'] == 'detector'
   assert detector_thresholds['image'] != thresholds['image']
   changed = config.copy_and_resolve_references()
   changed.detector.beta = 0.5
   recomputed = calibration.ensure_thresholds(changed, workdir,
-                                             inference.load_model(changed, workdir))
+                                             engine.load_model(changed, workdir))
   assert recomputed['detector'] == changed.detector.to_dict()
   assert recomputed['image'] != detector_thresholds['image']

@@ -13,13 +13,12 @@ from PIL import Image
 from configs import bauer
 from configs import mvtec
 from twostage_jax import config_validation
-from twostage_jax import evaluate
-from twostage_jax import inference
 from twostage_jax import methods
-from twostage_jax import predict
 from twostage_jax import synthesis
-from twostage_jax import train
-
+from twostage_jax.evaluation import evaluate
+from twostage_jax.inference import engine
+from twostage_jax.inference import predict
+from twostage_jax.training import train
 import float32_tolerance  # tests/float32_tolerance.py
 import tiny_runs  # tests/tiny_runs.py
 
@@ -101,17 +100,17 @@ def test_evaluation_reports_the_autoencoder_and_bauer_protocol(trained):
 
 def test_anomaly_map_is_the_smoothed_channel_mean_absolute_error(trained):
   config, workdir, _ = trained
-  model = inference.load_model(config, workdir)
+  model = engine.load_model(config, workdir)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (3, 32, 32, 3), np.uint8)
-  maps = inference.anomaly_maps(config, model, images)['autoencoder']
+  maps = engine.anomaly_maps(config, model, images)['autoencoder']
   reconstructions = methods.get(config.method).create_model(config, 1).apply(
       model.variables[0], jnp.asarray(images, jnp.float32) / 255.0, train=False)
   error = np.mean(np.abs(np.asarray(reconstructions) - images / 255.0), axis=-1)
   expected = scipy.ndimage.gaussian_filter(error, (0, 1.0, 1.0), mode='reflect', truncate=3.0)
   # The reconstruction computed op by op here, in one program there.
   float32_tolerance.assert_same_function(maps, expected)
-  scores = inference.image_scores(config, {'autoencoder': maps})['autoencoder']
+  scores = engine.image_scores(config, {'autoencoder': maps})['autoencoder']
   np.testing.assert_allclose(scores, maps.max(axis=(1, 2)))  # eval.score_rule = 'max'
 
 

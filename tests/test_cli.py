@@ -8,9 +8,8 @@ import numpy as np
 from PIL import Image
 
 from configs import demo
-from twostage_jax import run_config
-from twostage_jax import workdir_lock
-
+from twostage_jax.workdir import lock as workdir_lock
+from twostage_jax.workdir import run_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -12,11 +12,9 @@ import pytest
 import float32_tolerance  # tests/float32_tolerance.py
 
 from twostage_jax import Detector
-from twostage_jax import calibration
-from twostage_jax import detector
-from twostage_jax import inference
-
-
+from twostage_jax.inference import calibration
+from twostage_jax.inference import detector
+from twostage_jax.inference import engine
 def images(count, size=32, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), np.uint8)
 
@@ -25,7 +23,7 @@ def images(count, size=32, seed=0):
 def in_process(two_stage_run):
   """The shared run's detector function, jitted once for the tests here."""
   config, workdir, _ = two_stage_run
-  return jax.jit(detector.detector_fn(config, inference.load_model(config, workdir)))
+  return jax.jit(detector.detector_fn(config, engine.load_model(config, workdir)))
 
 
 @pytest.fixture(scope='module')
@@ -37,13 +35,13 @@ def export_folder(two_stage_run):
 
 def test_the_detector_gives_the_evaluation_maps_and_scores(two_stage_run, in_process):
   config, workdir = two_stage_run[:2]
-  model = inference.load_model(config, workdir)
+  model = engine.load_model(config, workdir)
   batch = images(5)
   maps, scores = in_process(batch)
-  expected = inference.anomaly_maps(config, model, batch)['combined']
+  expected = engine.anomaly_maps(config, model, batch)['combined']
   float32_tolerance.assert_same_function(maps, expected)
   float32_tolerance.assert_same_function(
-      scores, inference.image_scores(config, {'m': expected})['m'])
+      scores, engine.image_scores(config, {'m': expected})['m'])
 
 
 def test_export_equals_in_process_for_two_batch_sizes_and_says_what_a_caller_needs(

@@ -11,10 +11,10 @@ import pytest
 from configs import bauer
 from configs import demo
 from twostage_jax import config_validation
-from twostage_jax import evaluate
 from twostage_jax import methods
-from twostage_jax import train
+from twostage_jax.evaluation import evaluate
 from twostage_jax.methods import base
+from twostage_jax.training import train
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        'twostage_jax')

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from twostage_jax import metrics
-
-
+from twostage_jax.evaluation import metrics
 def pairwise_auroc(scores, labels):
   pos = [s for s, l in zip(scores, labels) if l]
   neg = [s for s, l in zip(scores, labels) if not l]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from twostage_jax import parallel
-from twostage_jax.parallel import DATA_AXIS
+from twostage_jax.runtime import parallel
+from twostage_jax.runtime.parallel import DATA_AXIS
 
 import child_process  # tests/child_process.py
 import parallel_steps  # tests/parallel_steps.py

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from configs import demo
-from twostage_jax import pipeline
 from twostage_jax import synthesis
+from twostage_jax.runtime import pipeline
 
 
 @functools.cache

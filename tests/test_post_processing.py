@@ -14,13 +14,12 @@ import pytest
 import scipy.ndimage
 
 from configs import mvtec_cpu
-from twostage_jax import baselines
 from twostage_jax import data
-from twostage_jax import inference
 from twostage_jax import losses
-from twostage_jax import metrics
-from twostage_jax import report
-
+from twostage_jax.evaluation import baselines
+from twostage_jax.evaluation import metrics
+from twostage_jax.evaluation import report
+from twostage_jax.inference import engine
 MVTEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data',
                      'mvtec_ad')
 SIZE = 64
@@ -39,9 +38,9 @@ def central_masks(count: int, size: int, seed: int) -> np.ndarray:
   return masks
 
 
-def two_stage_model() -> inference.TrainedModel:
+def two_stage_model() -> engine.TrainedModel:
   """A trained two-stage model's description; the baseline rows run none of its networks."""
-  return inference.TrainedModel('two_stage', (None, None), (1, 1), 'combined')
+  return engine.TrainedModel('two_stage', (None, None), (1, 1), 'combined')
 
 
 def zero_padded(maps: np.ndarray, sigma: float) -> np.ndarray:
@@ -62,7 +61,7 @@ def test_smoothing_reflects_the_borders_as_scipy_does(shape, sigma):
   # values below 1: at most 8 radius roundings of 2^-24 (the 9-pixel side
   # reflects more than once, as scipy does).
   atol = 8 * radius * 2.0 ** -24
-  np.testing.assert_allclose(inference.smooth(jnp.asarray(maps), sigma), expected,
+  np.testing.assert_allclose(engine.smooth(jnp.asarray(maps), sigma), expected,
                              rtol=0, atol=atol)
 
 
@@ -70,7 +69,7 @@ def test_smoothing_reflects_the_borders_as_scipy_does(shape, sigma):
 @pytest.mark.parametrize('sigma', [0.5, 4.0, 10.0])
 def test_smoothing_keeps_a_constant_map_exactly_constant(value, sigma):
   maps = np.full((2, 48, 40), value, np.float32)
-  np.testing.assert_array_equal(inference.smooth(jnp.asarray(maps), sigma), maps)
+  np.testing.assert_array_equal(engine.smooth(jnp.asarray(maps), sigma), maps)
 
 
 def test_a_constant_map_scores_one_half_on_central_masks():
@@ -145,7 +144,7 @@ def test_noise_maps_score_within_chance_of_one_half():
   config.eval.map_sigma = SIGMA
   masks = central_masks(384, SIZE, seed=1)
   noise = np.random.default_rng(2).random(masks.shape, np.float32)
-  maps = np.asarray(inference.smooth(jnp.asarray(noise), SIGMA))
+  maps = np.asarray(engine.smooth(jnp.asarray(noise), SIGMA))
   bound = null_auroc_deviation_bound(masks, SIGMA)
   assert bound < 0.2  # the test says something
   assert abs(metrics.auroc(maps, masks) - 0.5) < bound
@@ -153,7 +152,7 @@ def test_noise_maps_score_within_chance_of_one_half():
   labels = masks.any(axis=(1, 2))
   positives, negatives = labels.sum(), (~labels).sum()
   image_sd = np.sqrt((positives + negatives + 1) / (12 * positives * negatives))
-  scores = inference.image_scores(config, {'noise': maps})['noise']
+  scores = engine.image_scores(config, {'noise': maps})['noise']
   assert abs(metrics.auroc(scores, labels) - 0.5) < 5 * image_sd
   # Yardstick: the zero-padded smoothing of the same noise is outside the bound.
   assert metrics.auroc(zero_padded(noise, SIGMA), masks) - 0.5 > bound
@@ -169,7 +168,7 @@ def test_the_papers_score_rule_scores_a_defect_the_same_at_every_position():
       m = np.full((size, size), 0.1, np.float32)
       m[top:top + side, left:left + side] = 0.8
       maps.append(m)
-  scores = inference.image_scores(config, {'blob': np.stack(maps)})['blob']
+  scores = engine.image_scores(config, {'blob': np.stack(maps)})['blob']
   window = config.eval.score_filter_size
   inside = (0.1 * (window ** 2 - side ** 2) + 0.8 * side ** 2) / window ** 2
   # A sum of window^2 = 441 float32 terms: within 441 * 2^-24 of the exact mean.

@@ -9,9 +9,8 @@ from PIL import Image
 import pytest
 
 from twostage_jax import data
-from twostage_jax import detector
-from twostage_jax import predict
-
+from twostage_jax.inference import detector
+from twostage_jax.inference import predict
 _SIZE = 16
 
 

@@ -9,10 +9,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from twostage_jax import calibration
 from twostage_jax import data
-from twostage_jax import predict
-
+from twostage_jax.inference import calibration
+from twostage_jax.inference import predict
 _SIZE = 32
 
 

@@ -18,9 +18,8 @@ import float32_tolerance  # tests/float32_tolerance.py
 import tiny_runs  # tests/tiny_runs.py
 from twostage_jax import Detector
 from twostage_jax import data
-from twostage_jax import evaluate
-from twostage_jax import inference
-
+from twostage_jax.evaluation import evaluate
+from twostage_jax.inference import engine
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'premove_two_stage')
 
 
@@ -36,7 +35,7 @@ def premove(tmp_path_factory):
 
 def test_its_checkpoints_give_the_maps_and_scores_they_gave(premove):
   config, workdir, images, expected = premove
-  maps, scores = inference.maps_and_scores(config, inference.load_model(config, workdir), images)
+  maps, scores = engine.maps_and_scores(config, engine.load_model(config, workdir), images)
   assert set(maps) == {'stage 1', 'stage 2', 'combined'}
   for name in maps:
     float32_tolerance.assert_same_function(maps[name], expected[f'map {name}'], err_msg=name)

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from twostage_jax import metrics
-from twostage_jax import report
-
+from twostage_jax.evaluation import metrics
+from twostage_jax.evaluation import report
 KEYS = [key for key, _ in report.METRIC_COLUMNS]
 
 

@@ -9,9 +9,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from twostage_jax import checkpoints as checkpoints_lib
-from twostage_jax import run_config
-
+from twostage_jax.workdir import checkpoints as checkpoints_lib
+from twostage_jax.workdir import run_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -11,9 +11,8 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 from twostage_jax import data
-from twostage_jax import parallel
-from twostage_jax import summaries
-
+from twostage_jax.runtime import parallel
+from twostage_jax.training import summaries
 from tiny_runs import two_stage_config  # tests/tiny_runs.py
 
 NOT_SCALARS = ('stage', 'step', 'time')

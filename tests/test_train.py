@@ -14,15 +14,14 @@ import child_process  # tests/child_process.py
 import float32_tolerance  # tests/float32_tolerance.py
 import tiny_runs  # tests/tiny_runs.py
 from configs import demo
-from twostage_jax import evaluate
-from twostage_jax import inference
 from twostage_jax import methods
-from twostage_jax import parallel
-from twostage_jax import precision
-from twostage_jax import train
-from twostage_jax import train_state
-from twostage_jax import train_step
-
+from twostage_jax.evaluation import evaluate
+from twostage_jax.inference import engine
+from twostage_jax.runtime import parallel
+from twostage_jax.training import precision
+from twostage_jax.training import train
+from twostage_jax.training import train_state
+from twostage_jax.training import train_step
 ROOT = child_process.ROOT
 
 
@@ -187,7 +186,7 @@ def test_train_then_evaluate_from_the_checkpoint(tmp_path):
   assert all(0 <= r['data_wait_fraction'] <= 1 for r in lines[1:])
   assert os.listdir(tmp_path / 'checkpoints' / 'stage1') == ['4']  # keeps 1
 
-  model = inference.TrainedModel(
+  model = engine.TrainedModel(
       'two_stage', (jax.device_get(train_state.variables_of(state)),), (4,), 'stage 1')
   after_training = evaluate.evaluate(config, str(tmp_path), model)
   from_checkpoint = evaluate.evaluate(config, str(tmp_path))

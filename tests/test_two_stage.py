@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from twostage_jax import calibration
 from twostage_jax import cli
 from twostage_jax import data
-from twostage_jax import evaluate
-from twostage_jax import inference
 from twostage_jax import methods
-from twostage_jax import predict
 from twostage_jax import synthesis
-from twostage_jax import train
-from twostage_jax import train_state
+from twostage_jax.evaluation import evaluate
+from twostage_jax.inference import calibration
+from twostage_jax.inference import engine
+from twostage_jax.inference import predict
 from twostage_jax.synthesis import superpixel
+from twostage_jax.training import train
+from twostage_jax.training import train_state
 
 from tiny_runs import two_stage_config  # tests/tiny_runs.py
 
@@ -80,22 +80,22 @@ def test_evaluation_reports_three_rows_and_writes_the_report(two_stage_run):
 
 def test_combined_map_is_the_sum_of_the_stage_maps(two_stage_run):
   config, workdir, _ = two_stage_run
-  model = inference.load_model(config, workdir)
+  model = engine.load_model(config, workdir)
   test = data.load_test_set(data.resolve_data_dir(config), config.category, config.image_size)
-  maps = inference.anomaly_maps(config, model, test.images)
+  maps = engine.anomaly_maps(config, model, test.images)
   assert list(maps) == ROWS
   # One float32 addition in the program: within 2^-24 (6e-8) of the sum, at most 2 here.
   np.testing.assert_allclose(maps['combined'], maps['stage 1'] + maps['stage 2'], atol=1e-6)
-  scores = inference.image_scores(config, maps)
+  scores = engine.image_scores(config, maps)
   assert set(scores) == set(ROWS) and all(s.shape == (len(test.images),) for s in scores.values())
 
 
 def test_metrics_are_those_of_the_maps(two_stage_run):
   config, workdir, results = two_stage_run
-  model = inference.load_model(config, workdir)
+  model = engine.load_model(config, workdir)
   test = data.load_test_set(data.resolve_data_dir(config), config.category, config.image_size)
-  maps = inference.anomaly_maps(config, model, test.images)
-  scores = inference.image_scores(config, maps)
+  maps = engine.anomaly_maps(config, model, test.images)
+  scores = engine.image_scores(config, maps)
   for row in ROWS:
     expected = evaluate.row_metrics(maps[row], scores[row], test)
     assert results['rows'][row] == pytest.approx(expected)
@@ -107,9 +107,9 @@ def test_thresholds_are_quantiles_of_the_held_out_normal_images(two_stage_run):
   assert stored == results['thresholds']
   assert stored['num_holdout_images'] == 4  # 20% of 20 training images
   _, held_out = data.training_images(config)
-  model = inference.load_model(config, workdir)
-  maps = inference.anomaly_maps(config, model, held_out)
-  scores = inference.image_scores(config, maps)
+  model = engine.load_model(config, workdir)
+  maps = engine.anomaly_maps(config, model, held_out)
+  scores = engine.image_scores(config, maps)
   assert stored['image'] == pytest.approx(np.quantile(scores['combined'], 0.99), rel=1e-6)
   assert stored['pixel'] == pytest.approx(np.quantile(maps['combined'], 0.999), rel=1e-6)
 
@@ -122,7 +122,7 @@ def test_thresholds_are_quantiles_of_the_held_out_normal_images(two_stage_run):
   smoothed = config.copy_and_resolve_references()
   smoothed.eval.map_sigma = 2.0
   again = calibration.ensure_thresholds(smoothed, workdir, model)
-  smoothed_maps = inference.anomaly_maps(smoothed, model, held_out)
+  smoothed_maps = engine.anomaly_maps(smoothed, model, held_out)
   assert again['pixel'] == pytest.approx(np.quantile(smoothed_maps['combined'], 0.999), rel=1e-6)
   assert json.load(open(calibration.thresholds_path(workdir)))['map_sigma'] == 2.0
 
@@ -130,7 +130,7 @@ def test_thresholds_are_quantiles_of_the_held_out_normal_images(two_stage_run):
   refined = config.copy_and_resolve_references()
   refined.refine.combine = 'max'
   again = calibration.ensure_thresholds(refined, workdir, model)
-  refined_maps = inference.anomaly_maps(refined, model, held_out)
+  refined_maps = engine.anomaly_maps(refined, model, held_out)
   assert again['pixel'] == pytest.approx(np.quantile(refined_maps['combined'], 0.999), rel=1e-6)
   assert json.load(open(calibration.thresholds_path(workdir)))['refine']['combine'] == 'max'
   calibration.ensure_thresholds(config, workdir, model)  # restores the stored ones
@@ -145,18 +145,18 @@ def test_evaluation_pairs_stage2_with_the_stage1_checkpoint_it_was_trained_on(
   # A newer stage-1 checkpoint, as after training stage 1 further: stage 2 still pairs with 4.
   shutil.copytree(os.path.join(run, 'checkpoints', 'stage1', '4'),
                   os.path.join(run, 'checkpoints', 'stage1', '6'))
-  assert inference.load_model(config, run).stage_steps == (4, 4)
+  assert engine.load_model(config, run).stage_steps == (4, 4)
 
   explicit = config.copy_and_resolve_references()
   explicit.eval.stage1_step = 2
   with caplog.at_level('WARNING'):
-    assert inference.load_model(explicit, run).stage_steps == (2, 4)
+    assert engine.load_model(explicit, run).stage_steps == (2, 4)
   assert 'not trained together' in caplog.text
 
   shutil.rmtree(os.path.join(run, 'checkpoints', 'stage1', '4'))
   with pytest.raises(FileNotFoundError, match='trained on the stage-1 checkpoint of step 4, '
                                               'which is gone'):
-    inference.load_model(config, run)
+    engine.load_model(config, run)
 
 
 def test_holdout_split_is_fixed_disjoint_and_checked():

@@ -21,12 +21,12 @@ from configs import utad
 from configs import utad_cpu
 from twostage_jax import config_validation
 from twostage_jax import methods
-from twostage_jax import parallel
-from twostage_jax import train_state
 from twostage_jax.methods.utad import model as models
 from twostage_jax.methods.utad import mutual_information
 from twostage_jax.methods.utad import perceptual
-from twostage_jax.parallel import DATA_AXIS
+from twostage_jax.runtime import parallel
+from twostage_jax.runtime.parallel import DATA_AXIS
+from twostage_jax.training import train_state
 
 METHOD = methods.get('utad')
 SKIP_REASON = 'UTAD needs the optional extra: pip install .[utad]'

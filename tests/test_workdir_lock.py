@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from twostage_jax import workdir_lock
-
+from twostage_jax.workdir import lock as workdir_lock
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = socket.gethostname()
 
@@ -72,7 +71,7 @@ def test_a_second_run_is_refused_naming_the_holder(tmp_path):
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):
   holder = python('''
       import sys, time
-      from twostage_jax import workdir_lock
+      from twostage_jax.workdir import lock as workdir_lock
       lock = workdir_lock.WorkdirLock(sys.argv[1], run_id='killed-run')
       lock.acquire()
       print('locked', flush=True)
@@ -92,7 +91,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, capl
 def test_a_killed_holder_not_yet_reaped_is_stale(tmp_path):
   holder = python('''
       import sys, time
-      from twostage_jax import workdir_lock
+      from twostage_jax.workdir import lock as workdir_lock
       workdir_lock.WorkdirLock(sys.argv[1], run_id='zombie').acquire()
       print('locked', flush=True)
       time.sleep(60)
@@ -175,7 +174,7 @@ def test_of_runs_starting_together_exactly_one_wins(tmp_path, previous):
     write_lock(workdir, pid=dead_pid())
   runs = [python('''
       import os, sys, time
-      from twostage_jax import workdir_lock
+      from twostage_jax.workdir import lock as workdir_lock
       workdir, go, done = sys.argv[1:]
       while not os.path.exists(go):
         time.sleep(0.001)

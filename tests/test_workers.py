@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from configs import demo
-from twostage_jax import pipeline
 from twostage_jax import synthesis
 from twostage_jax.methods.two_stage import host_slic
+from twostage_jax.runtime import pipeline
 
 # The requirement: a dead worker ends the iteration within 10 s of its death.
 DEADLINE_S = 10.0

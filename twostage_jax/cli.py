@@ -16,21 +16,20 @@ from absl import logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from twostage_jax import atomic_write
-from twostage_jax import checkpoints
 from twostage_jax import config_validation
 from twostage_jax import data
-from twostage_jax import detector
-from twostage_jax import evaluate
-from twostage_jax import inference
-from twostage_jax import parallel
-from twostage_jax import pipeline
-from twostage_jax import predict
-from twostage_jax import report
-from twostage_jax import run_config
-from twostage_jax import train
-from twostage_jax import workdir_lock
-
+from twostage_jax.evaluation import evaluate
+from twostage_jax.evaluation import report
+from twostage_jax.inference import detector
+from twostage_jax.inference import engine
+from twostage_jax.inference import predict
+from twostage_jax.runtime import parallel
+from twostage_jax.runtime import pipeline
+from twostage_jax.training import train
+from twostage_jax.workdir import atomic_write
+from twostage_jax.workdir import checkpoints
+from twostage_jax.workdir import lock as workdir_lock
+from twostage_jax.workdir import run_config
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Config file; override values with --config.key=value.',
@@ -63,7 +62,7 @@ def run_category(config: ml_collections.ConfigDict, workdir: str, mode: str) -> 
       run_config.save(config, workdir)
     for stage in train.stages_to_train(config):
       train.train(config, workdir, stage)
-  return evaluate.evaluate(config, workdir, inference.load_model(config, workdir))
+  return evaluate.evaluate(config, workdir, engine.load_model(config, workdir))
 
 
 def categories_of(config: ml_collections.ConfigDict) -> list[str]:

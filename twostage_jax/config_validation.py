@@ -5,8 +5,8 @@ import ml_collections
 
 from twostage_jax import data
 from twostage_jax import methods
-from twostage_jax import precision
 from twostage_jax.methods import base
+from twostage_jax.training import precision
 
 # (key, predicate, what the value must be), for every method; each method
 # adds its own (methods/).

@@ -40,9 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from twostage_jax import precision
-
-
+from twostage_jax.training import precision
 def _blur_matrix(size: int, taps: jax.Array) -> jax.Array:
   """(size, size) matrix of a 1-D 'same' filtering with zero padding.
 

@@ -1,6 +1,6 @@
 """Held-out normal images: a fixed share of train/good kept out of training.
 
-They calibrate the decision thresholds of prediction (see calibration.py),
+They calibrate the decision thresholds of prediction (see inference/calibration.py),
 so those thresholds never see the test set. The split depends only on the
 number of images, the fraction and the seed, so training and calibration,
 run at different times, agree on it.

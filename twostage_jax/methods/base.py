@@ -18,11 +18,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from twostage_jax import network_state
-from twostage_jax import pipeline
-from twostage_jax import schedules
-from twostage_jax import train_step as default_step
-
+from twostage_jax.runtime import pipeline
+from twostage_jax.training import network_state
+from twostage_jax.training import schedules
+from twostage_jax.training import train_step as default_step
 Variables = network_state.Variables
 Batch = default_step.Batch
 Objective = default_step.Objective

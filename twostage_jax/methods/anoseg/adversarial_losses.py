@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from twostage_jax import losses as shared_losses
-from twostage_jax import precision
-
+from twostage_jax.training import precision
 SEGMENTATION_NORMS = shared_losses.ERROR_NORMS
 
 

@@ -30,15 +30,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from twostage_jax import network_state
-from twostage_jax import pipeline
-from twostage_jax import precision
-from twostage_jax import schedules
 from twostage_jax import synthesis
 from twostage_jax.methods import base
 from twostage_jax.methods.anoseg import adversarial_losses as losses
 from twostage_jax.methods.anoseg.model import ENCODER_STRIDE, AnoSegNet, Discriminator
-from twostage_jax.parallel import DATA_AXIS
+from twostage_jax.runtime import pipeline
+from twostage_jax.runtime.parallel import DATA_AXIS
+from twostage_jax.training import network_state
+from twostage_jax.training import precision
+from twostage_jax.training import schedules
 
 SEGMENTATION, DETECTOR = 'anoseg', 'detector'
 IMAGE_SCORES = ('detector', 'map')  # eval.image_score: Eq. 5, or eval.score_rule of the map

@@ -27,9 +27,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from twostage_jax import precision
 from twostage_jax.models import layers
-from twostage_jax.parallel import DATA_AXIS
+from twostage_jax.runtime.parallel import DATA_AXIS
+from twostage_jax.training import precision
 
 RESNET18_BLOCKS = 2  # basic blocks per stage of ResNet-18
 ENCODER_STRIDE = 32  # the stem's convolution and max-pool, then three strided stages

@@ -16,13 +16,13 @@ import ml_collections
 import numpy as np
 
 from twostage_jax import losses
-from twostage_jax import pipeline
-from twostage_jax import precision
 from twostage_jax import synthesis
 from twostage_jax.methods import base
 from twostage_jax.methods import synthesis_rules
 from twostage_jax.methods.bauer import area_protocol
 from twostage_jax.methods.bauer.model import BauerAutoencoder
+from twostage_jax.runtime import pipeline
+from twostage_jax.training import precision
 
 AUTOENCODER = 'autoencoder'
 

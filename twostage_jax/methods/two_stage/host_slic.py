@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import ml_collections
 import numpy as np
 
-from twostage_jax import pipeline
+from twostage_jax.runtime import pipeline
 from twostage_jax.synthesis import superpixel
 
 

@@ -21,8 +21,6 @@ from absl import logging
 
 from twostage_jax import data
 from twostage_jax import losses
-from twostage_jax import pipeline
-from twostage_jax import precision
 from twostage_jax import synthesis
 from twostage_jax.methods import base
 from twostage_jax.methods import synthesis_rules
@@ -31,6 +29,8 @@ from twostage_jax.methods.two_stage import host_slic
 from twostage_jax.methods.two_stage import refine
 from twostage_jax.methods.two_stage.model import SegmentationNet
 from twostage_jax.models import layers
+from twostage_jax.runtime import pipeline
+from twostage_jax.training import precision
 
 STAGE1, STAGE2, COMBINED = 'stage 1', 'stage 2', 'combined'
 SUPERPIXELS = ('host', 'device')  # where the refinement's SLIC runs

@@ -12,9 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from twostage_jax import precision
 from twostage_jax.models import layers
-from twostage_jax.parallel import DATA_AXIS
+from twostage_jax.runtime.parallel import DATA_AXIS
+from twostage_jax.training import precision
 
 
 

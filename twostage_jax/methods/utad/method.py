@@ -26,16 +26,16 @@ import numpy as np
 import optax
 
 from twostage_jax import losses
-from twostage_jax import network_state
-from twostage_jax import pipeline
-from twostage_jax import precision
-from twostage_jax import schedules
 from twostage_jax import synthesis
 from twostage_jax.methods import base
 from twostage_jax.methods.utad import mutual_information
 from twostage_jax.methods.utad import perceptual
 from twostage_jax.methods.utad.model import ExpertNet, IENet
-from twostage_jax.parallel import DATA_AXIS
+from twostage_jax.runtime import pipeline
+from twostage_jax.runtime.parallel import DATA_AXIS
+from twostage_jax.training import network_state
+from twostage_jax.training import precision
+from twostage_jax.training import schedules
 
 IMPRESSION_MAP, UTAD_MAP = 'impression', 'utad'
 # Stage 2's batch key holding IE-Net's impression of the image.

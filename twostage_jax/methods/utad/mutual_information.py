@@ -16,9 +16,7 @@ this is E[log D(joint)] + E[log(1 - D(marginal))]; it is at most 0, and
 import jax
 import jax.numpy as jnp
 
-from twostage_jax import precision
-
-
+from twostage_jax.training import precision
 def jsd_mutual_information(joint_logits: jax.Array, marginal_logits: jax.Array) -> jax.Array:
   """f-GAN's Jensen-Shannon estimate of I(x; z) from T's logits of joint and marginal pairs."""
   return (jnp.mean(-jax.nn.softplus(-precision.widen(joint_logits)))

@@ -57,9 +57,8 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from twostage_jax import atomic_write
-from twostage_jax import precision
-
+from twostage_jax.training import precision
+from twostage_jax.workdir import atomic_write
 try:
   from numpy._core import multiarray as _multiarray
 except ImportError:  # numpy 1.x without the numpy._core aliases

@@ -8,11 +8,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from twostage_jax import prefetch
-from twostage_jax import schedules
-from twostage_jax import summaries
-
-
+from twostage_jax.runtime import prefetch
+from twostage_jax.training import schedules
+from twostage_jax.training import summaries
 class Progress:
   """Prints step, loss, images/s, data wait and ETA; appends them to metrics.jsonl.
 

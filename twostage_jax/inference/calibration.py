@@ -23,10 +23,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from twostage_jax import atomic_write
 from twostage_jax import data
-from twostage_jax import inference
 from twostage_jax import methods
+from twostage_jax.inference import engine
+from twostage_jax.workdir import atomic_write
 
 
 def thresholds_path(workdir: str) -> str:
@@ -36,14 +36,14 @@ def thresholds_path(workdir: str) -> str:
 HeldOut = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # maps and scores by map name
 
 
-def compute_thresholds(config: ml_collections.ConfigDict, model: inference.TrainedModel,
+def compute_thresholds(config: ml_collections.ConfigDict, model: engine.TrainedModel,
                        held_out: HeldOut | None = None) -> dict[str, Any]:
   """Image and pixel thresholds of `model`'s final map on the held-out images.
 
   Args:
     config: the run's config.
     model: the trained model.
-    held_out: the held-out images' maps and scores (`inference.maps_and_scores`)
+    held_out: the held-out images' maps and scores (`engine.maps_and_scores`)
       when already computed.
 
   Raises:
@@ -54,7 +54,7 @@ def compute_thresholds(config: ml_collections.ConfigDict, model: inference.Train
         'decision thresholds need held-out normal images, but '
         'config.calibration.holdout_fraction is 0; retrain with a fraction > 0')
   if held_out is None:
-    held_out = inference.maps_and_scores(config, model, data.training_images(config)[1])
+    held_out = engine.maps_and_scores(config, model, data.training_images(config)[1])
   maps, scores = held_out
   final = model.final_map
   return {
@@ -66,7 +66,7 @@ def compute_thresholds(config: ml_collections.ConfigDict, model: inference.Train
 
 
 def _computed_for(config: ml_collections.ConfigDict,
-                  model: inference.TrainedModel) -> dict[str, Any]:
+                  model: engine.TrainedModel) -> dict[str, Any]:
   """Everything besides the weights that changes the held-out maps or scores."""
   return {
       **model.steps,
@@ -86,12 +86,12 @@ def _computed_for(config: ml_collections.ConfigDict,
 
 
 def _is_current(thresholds: dict[str, Any], config: ml_collections.ConfigDict,
-                model: inference.TrainedModel) -> bool:
+                model: engine.TrainedModel) -> bool:
   return all(thresholds.get(k) == v for k, v in _computed_for(config, model).items())
 
 
 def ensure_thresholds(config: ml_collections.ConfigDict, workdir: str,
-                      model: inference.TrainedModel,
+                      model: engine.TrainedModel,
                       held_out: HeldOut | None = None) -> dict[str, Any]:
   """The stored thresholds of `model`'s checkpoints; computed and stored if missing.
 

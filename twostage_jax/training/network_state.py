@@ -15,7 +15,7 @@ import jax
 import optax
 from flax.training import train_state
 
-from twostage_jax.parallel import DATA_AXIS
+from twostage_jax.runtime.parallel import DATA_AXIS
 
 Variables = dict[str, Any]
 # params -> (scalar loss, (metrics, updated batch statistics)), on one device's share.

@@ -33,10 +33,9 @@ import numpy as np
 import tensorboardX
 
 from twostage_jax import methods
-from twostage_jax import parallel
-from twostage_jax import train_state
-from twostage_jax import xla_options
-
+from twostage_jax.runtime import parallel
+from twostage_jax.runtime import xla_options
+from twostage_jax.training import train_state
 # Metrics.jsonl keys that are not measurements.
 _NOT_SCALARS = ('stage', 'step', 'time')
 

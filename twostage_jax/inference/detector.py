@@ -27,12 +27,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from twostage_jax import atomic_write
-from twostage_jax import calibration
-from twostage_jax import inference
 from twostage_jax import methods
-from twostage_jax import run_config
-
+from twostage_jax.inference import calibration
+from twostage_jax.inference import engine
+from twostage_jax.workdir import atomic_write
+from twostage_jax.workdir import run_config
 EXPORT_DIR = 'export'
 EXPORT_FILE = 'detector.jax'
 INFO_FILE = 'detector.json'
@@ -42,7 +41,7 @@ _BATCH_SIZE_KEY = 'batch_size'
 DetectFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def _detector_of_variables(config: ml_collections.ConfigDict, model: inference.TrainedModel
+def _detector_of_variables(config: ml_collections.ConfigDict, model: engine.TrainedModel
                            ) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
   """Pure `(variables, uint8 images) -> (final maps, image scores)` of `model`'s stages.
 
@@ -50,7 +49,7 @@ def _detector_of_variables(config: ml_collections.ConfigDict, model: inference.T
   model's SLIC labels) runs on the device here (`Method.pure_config`).
   """
   config = methods.get(config.method).pure_config(config)
-  maps_and_scores = inference.maps_and_scores_fn(config, model.trained)
+  maps_and_scores = engine.maps_and_scores_fn(config, model.trained)
   final = model.final_map
 
   def detect(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -60,7 +59,7 @@ def _detector_of_variables(config: ml_collections.ConfigDict, model: inference.T
   return detect
 
 
-def detector_fn(config: ml_collections.ConfigDict, model: inference.TrainedModel) -> DetectFn:
+def detector_fn(config: ml_collections.ConfigDict, model: engine.TrainedModel) -> DetectFn:
   """The pure `uint8 images -> (final maps, image scores)` of a trained model.
 
   The trained variables are inside it, as constants, which is what an
@@ -86,7 +85,7 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   with the method's device-side steps (`Method.pure_config`).
   """
   config = methods.get(config.method).pure_config(config)
-  model = inference.load_model(config, workdir)
+  model = engine.load_model(config, workdir)
   thresholds = calibration.ensure_thresholds(config, workdir, model)
   size = config.image_size
   batch, = jax.export.symbolic_shape('batch')
@@ -192,7 +191,7 @@ class Detector:
     device-side steps (`Method.pure_config`).
     """
     config = methods.get(config.method).pure_config(config)
-    model = inference.load_model(config, workdir)
+    model = engine.load_model(config, workdir)
     thresholds = calibration.ensure_thresholds(config, workdir, model)
     info = {
         'input_size': config.image_size, 'method': config.method, 'map': model.final_map,

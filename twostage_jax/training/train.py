@@ -15,19 +15,19 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from twostage_jax import checkpoints as checkpoints_lib
 from twostage_jax import data
 from twostage_jax import methods
-from twostage_jax import parallel
-from twostage_jax import pipeline
-from twostage_jax import precision
-from twostage_jax import prefetch
-from twostage_jax import progress
-from twostage_jax import schedules
-from twostage_jax import summaries
-from twostage_jax import train_state
-from twostage_jax import xla_options
 from twostage_jax.methods import base
+from twostage_jax.runtime import parallel
+from twostage_jax.runtime import pipeline
+from twostage_jax.runtime import prefetch
+from twostage_jax.runtime import xla_options
+from twostage_jax.training import precision
+from twostage_jax.training import progress
+from twostage_jax.training import schedules
+from twostage_jax.training import summaries
+from twostage_jax.training import train_state
+from twostage_jax.workdir import checkpoints as checkpoints_lib
 
 
 def stages_to_train(config: ml_collections.ConfigDict) -> tuple[int, ...]:

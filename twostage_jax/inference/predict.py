@@ -28,10 +28,9 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from twostage_jax import atomic_write
 from twostage_jax import data
-from twostage_jax import detector
-
+from twostage_jax.inference import detector
+from twostage_jax.workdir import atomic_write
 SCORES_FILE = 'scores.csv'
 # scores.csv decision of an image file that could not be decoded.
 UNREADABLE = 'unreadable'

@@ -26,9 +26,8 @@ import ml_collections
 from absl import logging
 from ml_collections import config_flags
 
-from twostage_jax import atomic_write
-from twostage_jax import checkpoints as checkpoints_lib
-
+from twostage_jax.workdir import atomic_write
+from twostage_jax.workdir import checkpoints as checkpoints_lib
 CONFIG_NAME = 'config.json'
 # Where training keeps each stage's checkpoints: <workdir>/checkpoints/<stage>.
 CHECKPOINTS_NAME = 'checkpoints'

@@ -17,15 +17,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from twostage_jax import inference
 from twostage_jax import methods
-from twostage_jax.report import BASELINE
-from twostage_jax.report import POSITION_ONLY
+from twostage_jax.evaluation.report import BASELINE
+from twostage_jax.evaluation.report import POSITION_ONLY
+from twostage_jax.inference import engine
 
 _CONSTANT = 0.5  # the value of every map in the baseline row; any value reads the same
 
 
-def constant_maps(config: ml_collections.ConfigDict, model: inference.TrainedModel,
+def constant_maps(config: ml_collections.ConfigDict, model: engine.TrainedModel,
                   count: int) -> tuple[np.ndarray, np.ndarray]:
   """The `baseline` row's (count, S, S) final maps and (count,) image scores.
 
@@ -39,9 +39,9 @@ def constant_maps(config: ml_collections.ConfigDict, model: inference.TrainedMod
 
   def final_map(value: jax.Array) -> tuple[jax.Array, jax.Array]:
     constant = {name: jnp.full((1, size, size), value, jnp.float32) for name in names}
-    smoothed = inference.smooth(method.combine(config, constant)[model.final_map],
+    smoothed = engine.smooth(method.combine(config, constant)[model.final_map],
                                 config.eval.map_sigma)
-    return smoothed, inference.score_fn(config)(smoothed)
+    return smoothed, engine.score_fn(config)(smoothed)
 
   maps, scores = jax.jit(final_map)(jnp.float32(_CONSTANT))
   return (np.broadcast_to(np.asarray(maps), (count, size, size)),
@@ -59,7 +59,7 @@ def position_maps(config: ml_collections.ConfigDict, held_out_maps: np.ndarray,
     count: the number of test images.
   """
   mean = held_out_maps.mean(axis=0, dtype=np.float64).astype(np.float32)[None]
-  score = inference.image_scores(config, {POSITION_ONLY: mean})[POSITION_ONLY]
+  score = engine.image_scores(config, {POSITION_ONLY: mean})[POSITION_ONLY]
   return (np.broadcast_to(mean, (count,) + mean.shape[1:]),
           np.broadcast_to(score, (count,)))
 

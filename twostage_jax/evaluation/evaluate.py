@@ -17,15 +17,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from twostage_jax import atomic_write
-from twostage_jax import baselines
-from twostage_jax import calibration
 from twostage_jax import data
-from twostage_jax import inference
 from twostage_jax import methods
-from twostage_jax import metrics
-from twostage_jax import report
-
+from twostage_jax.evaluation import baselines
+from twostage_jax.evaluation import metrics
+from twostage_jax.evaluation import report
+from twostage_jax.inference import calibration
+from twostage_jax.inference import engine
+from twostage_jax.workdir import atomic_write
 _CURVE_POINTS = 1000  # plotted points per curve; the metrics use every point
 PRO_MAX_FPR = 0.3  # the MVTec AD convention, which the report's column titles state
 
@@ -86,7 +85,7 @@ def _write_figures(out_dir: str, config: ml_collections.ConfigDict, test: data.T
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             model: inference.TrainedModel | None = None) -> dict[str, Any]:
+             model: engine.TrainedModel | None = None) -> dict[str, Any]:
   """Scores the test split; writes `<workdir>/eval/` and prints a table.
 
   Args:
@@ -101,15 +100,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     thresholds (None when nothing was held out).
   """
   if model is None:
-    model = inference.load_model(config, workdir)
+    model = engine.load_model(config, workdir)
   test = data.category_test_set(config)
   logging.info('evaluating %s (%s) on %d test images', config.category,
                ', '.join(f'{k} {v}' for k, v in model.steps.items()), len(test.images))
-  maps, scores = inference.maps_and_scores(config, model, test.images)
+  maps, scores = engine.maps_and_scores(config, model, test.images)
   final = model.final_map
   held_out_maps, thresholds = None, None
   if config.calibration.holdout_fraction > 0:
-    held_out = inference.maps_and_scores(config, model, data.training_images(config)[1])
+    held_out = engine.maps_and_scores(config, model, data.training_images(config)[1])
     held_out_maps = held_out[0][final]
     thresholds = calibration.ensure_thresholds(config, workdir, model, held_out)
   references = {baselines.BASELINE: row_metrics(

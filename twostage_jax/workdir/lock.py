@@ -29,8 +29,7 @@ from typing import Iterator
 
 from absl import logging
 
-from twostage_jax import atomic_write
-
+from twostage_jax.workdir import atomic_write
 LOCK_NAME = '.lock'
 # Serialises takeovers of a stale lock; flock locks vanish with their process.
 TAKEOVER_NAME = '.lock.takeover'

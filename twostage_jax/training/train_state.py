@@ -10,11 +10,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from twostage_jax import checkpoints as checkpoints_lib
 from twostage_jax import methods
-from twostage_jax import network_state
-from twostage_jax import parallel
-
+from twostage_jax.runtime import parallel
+from twostage_jax.training import network_state
+from twostage_jax.workdir import checkpoints as checkpoints_lib
 Variables = network_state.Variables
 
 

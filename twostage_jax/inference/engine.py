@@ -19,10 +19,10 @@ from absl import logging
 from jax.sharding import Mesh
 
 from twostage_jax import methods
-from twostage_jax import parallel
-from twostage_jax import train_state
-from twostage_jax import xla_options
-from twostage_jax.parallel import DATA_AXIS
+from twostage_jax.runtime import parallel
+from twostage_jax.runtime import xla_options
+from twostage_jax.runtime.parallel import DATA_AXIS
+from twostage_jax.training import train_state
 
 Variables = train_state.Variables
 

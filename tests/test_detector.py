@@ -15,6 +15,7 @@ from twostage_jax import Detector
 from twostage_jax.inference import calibration
 from twostage_jax.inference import detector
 from twostage_jax.inference import engine
+from twostage_jax.workdir import paths
 def images(count, size=32, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), np.uint8)
 
@@ -55,7 +56,7 @@ def test_export_equals_in_process_for_two_batch_sizes_and_says_what_a_caller_nee
       float32_tolerance.assert_same_function(got, want)
 
   info = json.load(open(os.path.join(export_folder, detector.INFO_FILE)))
-  stored = json.load(open(calibration.thresholds_path(workdir)))
+  stored = json.load(open(paths.thresholds_file(workdir)))
   assert info['input_size'] == 32 and info['method'] == 'two_stage'
   assert info['map'] == 'combined' and info['steps'] == {'stage1_step': 4, 'stage2_step': 4}
   assert info['thresholds'] == {'image': stored['image'], 'pixel': stored['pixel'],
@@ -90,7 +91,7 @@ def test_predict_answers_at_each_image_size_with_the_stored_thresholds(two_stage
            rng.integers(0, 256, (32, 32, 3), np.uint8)]
   from_workdir = Detector.load(workdir).predict(given)
   from_export = Detector.load(export_folder).predict(given)
-  stored = json.load(open(calibration.thresholds_path(workdir)))
+  stored = json.load(open(paths.thresholds_file(workdir)))
   for result in (from_workdir, from_export):
     assert [m.shape for m in result.maps] == [(40, 50), (20, 30), (32, 32)]
     np.testing.assert_array_equal(result.anomalous, result.scores >= stored['image'])

@@ -1,9 +1,10 @@
-"""The package's import structure: the layers README's "Architecture" draws, and sealed methods.
+"""The package's structure: the layers README's "Architecture" draws, sealed methods, paths.
 
 Reads every module's imports with `ast` (imports inside functions too) and
 checks that no import reaches up a layer, that the imports have no cycle,
 and that a method's folder is imported by nothing outside it: the registry
-finds a method by its folder name at run time.
+finds a method by its folder name at run time. The names of a workdir's
+files are spelled in workdir/paths.py alone.
 """
 
 import ast
@@ -114,6 +115,22 @@ def test_the_imports_have_no_cycle():
   for module in sorted(GRAPH):
     if module not in state:
       visit(module, [module])
+
+
+# Names of a workdir's files and folders (workdir/paths.py).
+WORKDIR_NAMES = ('config.json', '.lock', '.lock.takeover', 'checkpoints', 'thresholds.json',
+                 'metrics.jsonl', 'tensorboard', 'eval', 'predictions')
+
+
+def test_workdir_paths_are_spelled_in_one_module():
+  spelled = []
+  for module, path in MODULES.items():
+    if module == 'workdir.paths':
+      continue
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, ast.Constant) and node.value in WORKDIR_NAMES:
+        spelled.append(f'{module}:{node.lineno} {node.value!r}')
+  assert not spelled, '\n'.join(spelled)
 
 
 @pytest.mark.parametrize('module, expected', [

@@ -12,6 +12,7 @@ import pytest
 from twostage_jax import data
 from twostage_jax.inference import calibration
 from twostage_jax.inference import predict
+from twostage_jax.workdir import paths
 _SIZE = 32
 
 
@@ -422,7 +423,7 @@ def _fake_compute(monkeypatch):
 def test_an_unusable_thresholds_file_is_recomputed(tmp_path, monkeypatch,
                                                    caplog, content):
   calls = _fake_compute(monkeypatch)
-  path = calibration.thresholds_path(str(tmp_path))
+  path = paths.thresholds_file(str(tmp_path))
   os.makedirs(os.path.dirname(path))
   with open(path, 'wb') as f:
     f.write(content)
@@ -443,7 +444,7 @@ def test_current_stored_thresholds_are_reused(tmp_path, monkeypatch):
   calls = _fake_compute(monkeypatch)
   monkeypatch.setattr(calibration, '_is_current', lambda *_: True)
   stored = {'image': 0.75, 'pixel': 0.125}
-  path = calibration.thresholds_path(str(tmp_path))
+  path = paths.thresholds_file(str(tmp_path))
   os.makedirs(os.path.dirname(path))
   with open(path, 'w') as f:
     json.dump(stored, f)

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import pathlib
 
 import jax.numpy as jnp
 import pytest
@@ -10,6 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from twostage_jax.workdir import checkpoints as checkpoints_lib
+from twostage_jax.workdir import paths
 from twostage_jax.workdir import run_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +34,7 @@ def trained(workdir, config_file='mvtec.py', *overrides):
 
 
 def saved_json(workdir):
-  return json.loads((workdir / run_config.CONFIG_NAME).read_text())
+  return json.loads(pathlib.Path(paths.config_file(str(workdir))).read_text())
 
 
 def test_explicit_overrides_are_the_config_flags_given():
@@ -48,13 +50,13 @@ def test_a_new_workdir_runs_the_file_config_and_saves_it_at_training(tmp_path):
   config, overrides = command_line('mvtec.py', '--config.category=grid')
   resolved = run_config.resolve(config, overrides, str(tmp_path))
   assert resolved.category == 'grid'
-  assert not (tmp_path / run_config.CONFIG_NAME).exists()  # only training writes it
+  assert not pathlib.Path(paths.config_file(str(tmp_path))).exists()  # only training writes it
   run_config.save(resolved, str(tmp_path))
   saved = saved_json(tmp_path)
   assert saved['category'] == 'grid'
   assert saved['synthesis']['saim_n_segments'] == [30, 150, 250]
   assert saved['stage2']['num_steps'] is None  # a placeholder
-  assert os.listdir(tmp_path) == [run_config.CONFIG_NAME]
+  assert os.listdir(tmp_path) == [os.path.basename(paths.config_file(str(tmp_path)))]
 
 
 def test_overrides_that_would_change_what_was_learned_are_refused_naming_each(tmp_path):
@@ -67,7 +69,7 @@ def test_overrides_that_would_change_what_was_learned_are_refused_naming_each(tm
   message = str(raised.value)
   assert '--config.category: saved "bottle", given "grid"' in message
   assert '--config.model.width: saved 128, given 64' in message
-  assert str(tmp_path / run_config.CONFIG_NAME) in message
+  assert paths.config_file(str(tmp_path)) in message
   assert 'eval.batch_size:' not in message  # allowed to change
   assert 'image_size:' not in message  # equal to the saved value
 
@@ -130,7 +132,7 @@ def test_keys_an_older_saved_config_lacks_take_the_file_values(tmp_path):
   old = saved_json(tmp_path)
   del old['xla_cpu_options']
   del old['eval']['map_sigma']
-  (tmp_path / run_config.CONFIG_NAME).write_text(json.dumps(old))
+  pathlib.Path(paths.config_file(str(tmp_path))).write_text(json.dumps(old))
   config, overrides = command_line('mvtec_cpu.py')
   resolved = run_config.resolve(config, overrides, str(tmp_path))
   assert resolved.eval.map_sigma == 4.0
@@ -139,7 +141,7 @@ def test_keys_an_older_saved_config_lacks_take_the_file_values(tmp_path):
 
 
 def write_checkpoint(workdir, stage, step, config, modified):
-  directory = os.path.join(workdir, run_config.CHECKPOINTS_NAME, f'stage{stage}')
+  directory = paths.stage_checkpoints(workdir, stage)
   checkpoints = checkpoints_lib.Checkpoints(directory, config.train)
   checkpoints.save(step, {'w': jnp.zeros(2)}, config)
   checkpoints.close()

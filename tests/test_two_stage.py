@@ -22,6 +22,7 @@ from twostage_jax.inference import predict
 from twostage_jax.synthesis import superpixel
 from twostage_jax.training import train
 from twostage_jax.training import train_state
+from twostage_jax.workdir import paths
 
 from tiny_runs import two_stage_config  # tests/tiny_runs.py
 
@@ -31,8 +32,8 @@ ROWS = ['stage 1', 'stage 2', 'combined']
 
 def test_both_stages_train_on_l2_plus_ssim_with_their_own_checkpoints(two_stage_run):
   _, workdir, _ = two_stage_run
-  assert sorted(os.listdir(train_state.checkpoint_dir(workdir, 1))) == ['2', '4']
-  assert sorted(os.listdir(train_state.checkpoint_dir(workdir, 2))) == ['2', '4']
+  assert sorted(os.listdir(paths.stage_checkpoints(workdir, 1))) == ['2', '4']
+  assert sorted(os.listdir(paths.stage_checkpoints(workdir, 2))) == ['2', '4']
   records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert [r['stage'] for r in records] == [1] * 4 + [2] * 4
   # Paper 001: L2 + SSIM trains both networks. The step adds the float32 terms, so
@@ -103,7 +104,7 @@ def test_metrics_are_those_of_the_maps(two_stage_run):
 
 def test_thresholds_are_quantiles_of_the_held_out_normal_images(two_stage_run):
   config, workdir, results = two_stage_run
-  stored = json.load(open(calibration.thresholds_path(workdir)))
+  stored = json.load(open(paths.thresholds_file(workdir)))
   assert stored == results['thresholds']
   assert stored['num_holdout_images'] == 4  # 20% of 20 training images
   _, held_out = data.training_images(config)
@@ -124,7 +125,7 @@ def test_thresholds_are_quantiles_of_the_held_out_normal_images(two_stage_run):
   again = calibration.ensure_thresholds(smoothed, workdir, model)
   smoothed_maps = engine.anomaly_maps(smoothed, model, held_out)
   assert again['pixel'] == pytest.approx(np.quantile(smoothed_maps['combined'], 0.999), rel=1e-6)
-  assert json.load(open(calibration.thresholds_path(workdir)))['map_sigma'] == 2.0
+  assert json.load(open(paths.thresholds_file(workdir)))['map_sigma'] == 2.0
 
   # So does a refinement setting: the combined map is another one.
   refined = config.copy_and_resolve_references()
@@ -132,7 +133,7 @@ def test_thresholds_are_quantiles_of_the_held_out_normal_images(two_stage_run):
   again = calibration.ensure_thresholds(refined, workdir, model)
   refined_maps = engine.anomaly_maps(refined, model, held_out)
   assert again['pixel'] == pytest.approx(np.quantile(refined_maps['combined'], 0.999), rel=1e-6)
-  assert json.load(open(calibration.thresholds_path(workdir)))['refine']['combine'] == 'max'
+  assert json.load(open(paths.thresholds_file(workdir)))['refine']['combine'] == 'max'
   calibration.ensure_thresholds(config, workdir, model)  # restores the stored ones
 
 
@@ -195,8 +196,8 @@ def test_self_sources_are_the_training_images_without_the_held_out_ones(two_stag
 
 def test_a_stage1_only_run_reports_one_row(two_stage_run, tmp_path):
   config, workdir, _ = two_stage_run
-  shutil.copytree(train_state.checkpoint_dir(workdir, 1),
-                  train_state.checkpoint_dir(str(tmp_path), 1))
+  shutil.copytree(paths.stage_checkpoints(workdir, 1),
+                  paths.stage_checkpoints(str(tmp_path), 1))
   results = evaluate.evaluate(config, str(tmp_path))
   assert list(results['rows']) == ['stage 1']
   assert results['stage2_step'] is None and results['thresholds']['map'] == 'stage 1'
@@ -228,7 +229,7 @@ def test_predict_writes_heatmaps_masks_and_scores(two_stage_run, tmp_path, caplo
     assert mask.size == (70, 50)  # the original size, not the model's
   with Image.open(os.path.join(out, 'gray_heatmap.png')) as heatmap:
     assert heatmap.mode == 'RGB' and heatmap.size == (70, 50)
-  thresholds = json.load(open(calibration.thresholds_path(workdir)))
+  thresholds = json.load(open(paths.thresholds_file(workdir)))
   rows = list(csv.DictReader(open(os.path.join(out, 'scores.csv'))))
   assert [r['file'] for r in rows] == ['gray.png', 'photo.jpg', 'rgb.png']
   for row in rows:
@@ -261,7 +262,7 @@ def test_all_categories_trains_one_model_each_and_summarises(tmp_path, capsys):
   summary = json.load(open(tmp_path / 'runs' / 'eval' / 'summary.json'))
   assert [r['category'] for r in summary] == list(data.DEMO_CATEGORIES)
   for category in data.DEMO_CATEGORIES:
-    assert os.path.isdir(train_state.checkpoint_dir(str(tmp_path / 'runs' / category), 2))
+    assert os.path.isdir(paths.stage_checkpoints(str(tmp_path / 'runs' / category), 2))
   report_md = (tmp_path / 'runs' / 'eval' / 'report.md').read_text()
   mean_line = next(line for line in report_md.splitlines() if '| **mean** | combined |' in line)
   expected = np.mean([r['rows']['combined']['pixel_auroc'] for r in summary])

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import time
 import pytest
 
 from twostage_jax.workdir import lock as workdir_lock
+from twostage_jax.workdir import paths
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = socket.gethostname()
 
@@ -24,7 +26,7 @@ def write_lock(workdir, **fields):
             'acquired_at': time.time() - 60, 'heartbeat': time.time()}
   record.update(fields)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, workdir_lock.LOCK_NAME), 'w') as f:
+  with open(paths.lock_file(workdir), 'w') as f:
     json.dump(record, f)
 
 
@@ -52,20 +54,20 @@ def test_the_lock_names_its_holder_while_held_and_is_removed_after(tmp_path):
     assert (holder.host, holder.pid, holder.run_id) == (HOST, os.getpid(), 'run-1')
     assert holder.start_time == workdir_lock.process_start_time(os.getpid())
     assert time.time() - 5 < holder.acquired_at <= holder.heartbeat <= time.time()
-  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_NAME))
+  assert not os.path.exists(paths.lock_file(workdir))
 
 
 def test_a_second_run_is_refused_naming_the_holder(tmp_path):
   workdir = str(tmp_path)
   with workdir_lock.WorkdirLock(workdir, run_id='first'):
-    before = (tmp_path / workdir_lock.LOCK_NAME).read_text()
+    before = pathlib.Path(paths.lock_file(str(tmp_path))).read_text()
     with pytest.raises(workdir_lock.WorkdirLocked) as raised:
       workdir_lock.WorkdirLock(workdir, run_id='second').acquire()
     message = str(raised.value)
     assert f'pid {os.getpid()}' in message
     assert f'host {HOST}' in message
     assert 'run id first' in message and 'since' in message
-    assert (tmp_path / workdir_lock.LOCK_NAME).read_text() == before
+    assert pathlib.Path(paths.lock_file(str(tmp_path))).read_text() == before
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):

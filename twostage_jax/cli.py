@@ -29,6 +29,7 @@ from twostage_jax.training import train
 from twostage_jax.workdir import atomic_write
 from twostage_jax.workdir import checkpoints
 from twostage_jax.workdir import lock as workdir_lock
+from twostage_jax.workdir import paths
 from twostage_jax.workdir import run_config
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -88,14 +89,14 @@ def run_all_categories(config: ml_collections.ConfigDict, workdir: str, mode: st
   for category in categories:
     category_config = config.copy_and_resolve_references()
     category_config.category = category
-    category_workdir = os.path.join(workdir, category)
+    category_workdir = paths.category_workdir(workdir, category)
     category_overrides = {k: v for k, v in (overrides or {}).items() if k != 'category'}
     category_config = _checked_run_config(category_config, category_overrides,
                                           category_workdir)
     with _lock(category_workdir):
       results.append(run_category(category_config, category_workdir, mode))
   if jax.process_index() == 0:
-    out_dir = os.path.join(workdir, 'eval')
+    out_dir = paths.eval_dir(workdir)
     atomic_write.write_json(os.path.join(out_dir, 'summary.json'), results)
     figures = {f'{r["category"]}: test images': f'../{r["category"]}/eval/examples.png'
                for r in results if config.eval.num_examples > 0}

@@ -25,6 +25,7 @@ from twostage_jax.evaluation import report
 from twostage_jax.inference import calibration
 from twostage_jax.inference import engine
 from twostage_jax.workdir import atomic_write
+from twostage_jax.workdir import paths
 _CURVE_POINTS = 1000  # plotted points per curve; the metrics use every point
 PRO_MAX_FPR = 0.3  # the MVTec AD convention, which the report's column titles state
 
@@ -131,7 +132,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   results.update(methods.get(config.method).extra_results(
       config, maps[final], test, held_out_maps))
   if jax.process_index() == 0:
-    out_dir = os.path.join(workdir, 'eval')
+    out_dir = paths.eval_dir(workdir)
     os.makedirs(out_dir, exist_ok=True)
     if thresholds is not None:
       pixel_threshold, source = thresholds['pixel'], 'held-out normal images'

@@ -27,10 +27,7 @@ from twostage_jax import data
 from twostage_jax import methods
 from twostage_jax.inference import engine
 from twostage_jax.workdir import atomic_write
-
-
-def thresholds_path(workdir: str) -> str:
-  return os.path.join(workdir, 'checkpoints', 'thresholds.json')
+from twostage_jax.workdir import paths
 
 
 HeldOut = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # maps and scores by map name
@@ -97,7 +94,7 @@ def ensure_thresholds(config: ml_collections.ConfigDict, workdir: str,
 
   `held_out`: the held-out images' maps and scores, when already computed.
   """
-  path = thresholds_path(workdir)
+  path = paths.thresholds_file(workdir)
   if os.path.exists(path):
     try:
       with open(path, encoding='utf-8') as f:

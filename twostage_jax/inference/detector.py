@@ -31,8 +31,8 @@ from twostage_jax import methods
 from twostage_jax.inference import calibration
 from twostage_jax.inference import engine
 from twostage_jax.workdir import atomic_write
+from twostage_jax.workdir import paths
 from twostage_jax.workdir import run_config
-EXPORT_DIR = 'export'
 EXPORT_FILE = 'detector.jax'
 INFO_FILE = 'detector.json'
 # Images per call: a fixed size, so the batch-polymorphic export compiles once.
@@ -105,7 +105,7 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
       _BATCH_SIZE_KEY: config.eval.batch_size,
       'version': _package_version(),
   }
-  folder = os.path.join(workdir, EXPORT_DIR)
+  folder = paths.export_dir(workdir)
   if jax.process_index() == 0:
     atomic_write.write_bytes(os.path.join(folder, EXPORT_FILE), bytes(exported.serialize()))
     atomic_write.write_json(os.path.join(folder, INFO_FILE), info)

@@ -23,6 +23,7 @@ from twostage_jax.runtime import parallel
 from twostage_jax.runtime import xla_options
 from twostage_jax.runtime.parallel import DATA_AXIS
 from twostage_jax.training import train_state
+from twostage_jax.workdir import paths
 
 Variables = train_state.Variables
 
@@ -72,7 +73,7 @@ def _stage_step(config: ml_collections.ConfigDict, workdir: str, stage: int,
   if not train_state.has_checkpoint_at(workdir, stage, recorded[key]):
     raise FileNotFoundError(
         f'stage {stage + 1} of {workdir} was trained on the stage-{stage} checkpoint of step '
-        f'{recorded[key]}, which is gone from {train_state.checkpoint_dir(workdir, stage)}; '
+        f'{recorded[key]}, which is gone from {paths.stage_checkpoints(workdir, stage)}; '
         f'set --config.eval.{key}=<step> to pair it with another one')
   logging.info('using the stage-%d checkpoint of step %d, which the later stage was trained on',
                stage, recorded[key])
@@ -100,7 +101,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> TrainedModel:
   if trained and len(trained) < len(method.stages):
     missing = len(trained) + 1
     logging.warning('no stage-%d checkpoint in %s: using stages up to %d', missing,
-                    train_state.checkpoint_dir(workdir, missing), trained[-1])
+                    paths.stage_checkpoints(workdir, missing), trained[-1])
   last = trained[-1] if trained else 1  # restoring stage 1 names the missing folder
   variables, steps, recorded = {}, {}, {}
   for stage in range(last, 0, -1):

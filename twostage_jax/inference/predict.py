@@ -31,6 +31,7 @@ from PIL import Image
 from twostage_jax import data
 from twostage_jax.inference import detector
 from twostage_jax.workdir import atomic_write
+from twostage_jax.workdir import paths
 SCORES_FILE = 'scores.csv'
 # scores.csv decision of an image file that could not be decoded.
 UNREADABLE = 'unreadable'
@@ -215,7 +216,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
   """
   if not config.predict_dir:
     raise ValueError('--mode=predict needs --config.predict_dir=<folder of images>')
-  output_dir = config.predict_output_dir or os.path.join(workdir, 'predictions')
+  output_dir = config.predict_output_dir or paths.predictions_dir(workdir)
   check_output_dir(config.predict_dir, output_dir)
   folder = data.load_image_folder(config.predict_dir, config.image_size)
   if jax.process_index() == 0:

@@ -1,7 +1,6 @@
 """Training progress: a log line per interval, a record in metrics.jsonl and TensorBoard."""
 
 import json
-import os
 import time
 
 import jax
@@ -11,6 +10,7 @@ from absl import logging
 from twostage_jax.runtime import prefetch
 from twostage_jax.training import schedules
 from twostage_jax.training import summaries
+from twostage_jax.workdir import paths
 class Progress:
   """Prints step, loss, images/s, data wait and ETA; appends them to metrics.jsonl.
 
@@ -21,7 +21,7 @@ class Progress:
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, stage: int,
                start_step: int, summary: summaries.Writer | None = None):
-    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._path = paths.metrics_log(workdir)
     self._stage = stage
     self._num_steps = schedules.stage_steps(config, stage)
     self._schedule = schedules.learning_rate_schedule(config.train, self._num_steps)

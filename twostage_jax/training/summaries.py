@@ -22,7 +22,6 @@ Each tag holds one strip of its images (rows of 8), so sample i sits at the
 same place in every tag of a step.
 """
 
-import os
 import re
 from collections.abc import Mapping
 
@@ -36,13 +35,14 @@ from twostage_jax import methods
 from twostage_jax.runtime import parallel
 from twostage_jax.runtime import xla_options
 from twostage_jax.training import train_state
+from twostage_jax.workdir import paths
 # Metrics.jsonl keys that are not measurements.
 _NOT_SCALARS = ('stage', 'step', 'time')
 
 
 def log_dir(workdir: str, stage: int) -> str:
   """The folder of `stage`'s event files."""
-  return os.path.join(workdir, 'tensorboard', f'stage{stage}')
+  return paths.tensorboard_dir(workdir, stage)
 
 
 def _tag(name: str) -> str:

@@ -28,6 +28,7 @@ from twostage_jax.training import schedules
 from twostage_jax.training import summaries
 from twostage_jax.training import train_state
 from twostage_jax.workdir import checkpoints as checkpoints_lib
+from twostage_jax.workdir import paths
 
 
 def stages_to_train(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -60,7 +61,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                config.image_size, len(held_out),
                jnp.dtype(precision.compute_dtype(config)).name)
 
-  checkpoints = checkpoints_lib.Checkpoints(train_state.checkpoint_dir(workdir, stage),
+  checkpoints = checkpoints_lib.Checkpoints(paths.stage_checkpoints(workdir, stage),
                                             config.train)
   target = train_state.abstract_train_state(config, mesh, stage)
   restored = checkpoints.restore_latest(target)

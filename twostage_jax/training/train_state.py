@@ -14,6 +14,7 @@ from twostage_jax import methods
 from twostage_jax.runtime import parallel
 from twostage_jax.training import network_state
 from twostage_jax.workdir import checkpoints as checkpoints_lib
+from twostage_jax.workdir import paths
 Variables = network_state.Variables
 
 
@@ -51,17 +52,13 @@ def variables_of(state: Any) -> Variables:
   return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
-def checkpoint_dir(workdir: str, stage: int) -> str:
-  return os.path.join(workdir, 'checkpoints', f'stage{stage}')
-
-
 def has_checkpoint(workdir: str, stage: int) -> bool:
-  folder = checkpoint_dir(workdir, stage)
+  folder = paths.stage_checkpoints(workdir, stage)
   return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
 
 def has_checkpoint_at(workdir: str, stage: int, step: int) -> bool:
-  return os.path.isdir(os.path.join(checkpoint_dir(workdir, stage), str(step)))
+  return os.path.isdir(os.path.join(paths.stage_checkpoints(workdir, stage), str(step)))
 
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str, stage: int,
@@ -72,7 +69,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, stage: int,
     FileNotFoundError: naming the folder searched, if there is no checkpoint.
   """
   checkpoints = checkpoints_lib.Checkpoints(
-      checkpoint_dir(workdir, stage), config.train, read_only=True)
+      paths.stage_checkpoints(workdir, stage), config.train, read_only=True)
   try:
     target = abstract_train_state(config, mesh, stage)
     if step >= 0:
@@ -92,7 +89,7 @@ def provenance(config: ml_collections.ConfigDict, workdir: str, stage: int,
                step: int) -> dict[str, Any]:
   """What the checkpoint of `stage` at `step` was trained on ({} if it does not say)."""
   checkpoints = checkpoints_lib.Checkpoints(
-      checkpoint_dir(workdir, stage), config.train, read_only=True)
+      paths.stage_checkpoints(workdir, stage), config.train, read_only=True)
   try:
     return checkpoints.provenance(step) or {}
   finally:

@@ -30,9 +30,8 @@ from typing import Iterator
 from absl import logging
 
 from twostage_jax.workdir import atomic_write
-LOCK_NAME = '.lock'
-# Serialises takeovers of a stale lock; flock locks vanish with their process.
-TAKEOVER_NAME = '.lock.takeover'
+from twostage_jax.workdir import paths
+
 HEARTBEAT_PERIOD_S = 30.0
 # A holder on another host whose heartbeat is older than this is gone.
 STALE_AFTER_S = 300.0
@@ -102,14 +101,10 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-def lock_path(workdir: str) -> str:
-  return os.path.join(workdir, LOCK_NAME)
-
-
 def read_holder(workdir: str) -> Holder | None:
   """The holder named by `workdir`'s lock; None if there is no readable lock."""
   try:
-    with open(lock_path(workdir), encoding='utf-8') as f:
+    with open(paths.lock_file(workdir), encoding='utf-8') as f:
       return Holder(**json.load(f))
   except (FileNotFoundError, ValueError, TypeError):
     return None
@@ -155,7 +150,7 @@ class WorkdirLock:
       join_timeout_s: how long a process that is not primary waits for the lock.
     """
     self.workdir = os.path.abspath(workdir)
-    self.path = lock_path(self.workdir)
+    self.path = paths.lock_file(self.workdir)
     self.run_id = run_id or new_run_id()
     self.is_primary = is_primary
     self._heartbeat_period_s = heartbeat_period_s
@@ -239,7 +234,7 @@ class WorkdirLock:
 
   @contextlib.contextmanager
   def _takeover_guard(self) -> Iterator[None]:
-    fd = os.open(os.path.join(self.workdir, TAKEOVER_NAME), os.O_CREAT | os.O_RDWR, 0o644)
+    fd = os.open(paths.lock_takeover_file(self.workdir), os.O_CREAT | os.O_RDWR, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX)
       yield

@@ -28,9 +28,7 @@ from ml_collections import config_flags
 
 from twostage_jax.workdir import atomic_write
 from twostage_jax.workdir import checkpoints as checkpoints_lib
-CONFIG_NAME = 'config.json'
-# Where training keeps each stage's checkpoints: <workdir>/checkpoints/<stage>.
-CHECKPOINTS_NAME = 'checkpoints'
+from twostage_jax.workdir import paths
 
 # Settings an existing workdir's command may change: which stages it trains
 # (stage 2 on a workdir whose stage 1 was trained alone), how a run logs, feeds
@@ -137,14 +135,10 @@ def _set(tree: dict[str, Any], key: str, value: Any) -> None:
   tree[name] = value
 
 
-def config_path(workdir: str) -> str:
-  return os.path.join(workdir, CONFIG_NAME)
-
-
 def _checkpoint_config(workdir: str) -> tuple[dict[str, Any], str] | None:
   """The config stored in the workdir's newest readable checkpoint, and its folder."""
   newest = None
-  for directory in sorted(glob.glob(os.path.join(workdir, CHECKPOINTS_NAME, '*', ''))):
+  for directory in sorted(glob.glob(os.path.join(paths.checkpoints_dir(workdir), '*', ''))):
     checkpoints = checkpoints_lib.Checkpoints(directory, read_only=True)
     try:
       for step in sorted(checkpoints.all_steps(), reverse=True):
@@ -168,7 +162,7 @@ def saved_config(workdir: str) -> tuple[dict[str, Any], str] | None:
 
   None for a new workdir: no config.json and no checkpoint holding a config.
   """
-  path = config_path(workdir)
+  path = paths.config_file(workdir)
   if os.path.exists(path):
     with open(path, encoding='utf-8') as f:
       try:
@@ -285,7 +279,7 @@ def save(config: ml_collections.ConfigDict, workdir: str) -> None:
   before config.json existed records its newest checkpoint's config, with
   the keys it lacks taken from `config`.
   """
-  path = config_path(workdir)
+  path = paths.config_file(workdir)
   if os.path.exists(path):
     return
   legacy = _checkpoint_config(workdir)

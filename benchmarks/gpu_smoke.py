@@ -26,6 +26,7 @@ from twostage_jax import methods
 from twostage_jax.runtime import parallel
 from twostage_jax.training import train_state
 from twostage_jax.training import train_step
+
 config_flags.DEFINE_config_file('config', 'configs/mvtec.py', 'Config file.')
 flags.DEFINE_string('json', None, 'Write the figures to this JSON file.')
 FLAGS = flags.FLAGS

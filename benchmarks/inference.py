@@ -30,6 +30,7 @@ from twostage_jax.methods.two_stage import method as two_stage
 from twostage_jax.runtime import parallel
 from twostage_jax.training import precision
 from twostage_jax.training import train_state
+
 config_flags.DEFINE_config_file('config', 'configs/mvtec.py', 'Config file.')
 flags.DEFINE_integer('images', 64, 'Test images per timed call.')
 flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')

@@ -18,6 +18,8 @@ from twostage_jax import methods
 from twostage_jax.evaluation import metrics
 from twostage_jax.inference import engine
 from twostage_jax.workdir import run_config
+
+
 def main(workdir: str, count: int = 64, seed: int = 1) -> None:
   config = run_config.load(workdir)
   model = engine.load_model(config, workdir)

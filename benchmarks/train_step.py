@@ -45,6 +45,7 @@ from twostage_jax import methods
 from twostage_jax.runtime import parallel
 from twostage_jax.training import train_state
 from twostage_jax.training import train_step
+
 config_flags.DEFINE_config_file('config', 'configs/mvtec.py', 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed rounds; medians over rounds are reported.')

@@ -44,6 +44,7 @@ from twostage_jax.runtime import parallel
 from twostage_jax.runtime import pipeline
 from twostage_jax.training import train_state
 from twostage_jax.training import train_step
+
 # SGD makes the update linear in the averaged gradient, so parameters after
 # the step compare at the precision of the gradient itself. (Adam divides
 # each element by its own magnitude: see tests/test_parallel.py.)

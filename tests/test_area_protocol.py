@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from twostage_jax.methods.bauer import area_protocol
+
+
 def blob_map(size=16, blobs=()):
   """A map of zeros with square blobs (row, col, side, value)."""
   out = np.zeros((size, size), np.float32)

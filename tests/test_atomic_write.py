@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from twostage_jax.workdir import atomic_write
+
+
 def test_json_round_trips_and_creates_the_folder(tmp_path):
   path = tmp_path / 'new' / 'thresholds.json'
   atomic_write.write_json(str(path), {'image': 0.25, 'steps': [1000, 2000]})

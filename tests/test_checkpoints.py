@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from twostage_jax.workdir import checkpoints as checkpoints_lib
+
 TRAIN = ml_collections.ConfigDict({'keep_checkpoints': 3})
 CONFIG = ml_collections.ConfigDict({'category': 'bottle', 'sizes': (1, 2), 'train': TRAIN})
 

@@ -10,6 +10,7 @@ from PIL import Image
 from configs import demo
 from twostage_jax.workdir import lock as workdir_lock
 from twostage_jax.workdir import run_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -15,6 +15,8 @@ from twostage_jax.methods.two_stage import method as two_stage
 from twostage_jax.runtime import parallel
 from twostage_jax.training import schedules
 from twostage_jax.training import train_state
+
+
 @pytest.mark.parametrize('get_config', [mvtec.get_config, demo.get_config,
                                         mvtec_cpu.get_config, bauer.get_config])
 def test_shipped_configs_are_valid(get_config):

@@ -16,6 +16,8 @@ from twostage_jax.inference import calibration
 from twostage_jax.inference import detector
 from twostage_jax.inference import engine
 from twostage_jax.workdir import paths
+
+
 def images(count, size=32, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), np.uint8)
 

@@ -7,6 +7,8 @@ import pytest
 import scipy.ndimage
 
 from twostage_jax.evaluation import metrics
+
+
 def pairwise_auroc(scores, labels):
   pos = [s for s, l in zip(scores, labels) if l]
   neg = [s for s, l in zip(scores, labels) if not l]

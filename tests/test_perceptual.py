@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from twostage_jax.methods.utad import perceptual
+
 SKIP_REASON = 'UTAD needs the optional extra: pip install .[utad]'
 VGG19_DEPTHS = (2, 2, 4)
 

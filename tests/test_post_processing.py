@@ -20,6 +20,7 @@ from twostage_jax.evaluation import baselines
 from twostage_jax.evaluation import metrics
 from twostage_jax.evaluation import report
 from twostage_jax.inference import engine
+
 MVTEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data',
                      'mvtec_ad')
 SIZE = 64

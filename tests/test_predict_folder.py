@@ -11,6 +11,7 @@ import pytest
 from twostage_jax import data
 from twostage_jax.inference import detector
 from twostage_jax.inference import predict
+
 _SIZE = 16
 
 

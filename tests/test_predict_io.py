@@ -13,6 +13,7 @@ from twostage_jax import data
 from twostage_jax.inference import calibration
 from twostage_jax.inference import predict
 from twostage_jax.workdir import paths
+
 _SIZE = 32
 
 

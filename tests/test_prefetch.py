@@ -6,6 +6,8 @@ import time
 import pytest
 
 from twostage_jax.runtime import prefetch
+
+
 def test_yields_every_transferred_batch_in_order():
   out = list(prefetch.prefetch(iter(range(7)), lambda b: b * 10, 2, prefetch.DataWaitClock()))
   assert out == [0, 10, 20, 30, 40, 50, 60]

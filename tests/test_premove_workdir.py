@@ -20,6 +20,7 @@ from twostage_jax import Detector
 from twostage_jax import data
 from twostage_jax.evaluation import evaluate
 from twostage_jax.inference import engine
+
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'premove_two_stage')
 
 

@@ -6,6 +6,7 @@ from PIL import Image
 
 from twostage_jax.evaluation import metrics
 from twostage_jax.evaluation import report
+
 KEYS = [key for key, _ in report.METRIC_COLUMNS]
 
 

@@ -13,6 +13,7 @@ from ml_collections import config_flags
 from twostage_jax.workdir import checkpoints as checkpoints_lib
 from twostage_jax.workdir import paths
 from twostage_jax.workdir import run_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -22,6 +22,7 @@ from twostage_jax.training import precision
 from twostage_jax.training import train
 from twostage_jax.training import train_state
 from twostage_jax.training import train_step
+
 ROOT = child_process.ROOT
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from twostage_jax.workdir import lock as workdir_lock
 from twostage_jax.workdir import paths
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = socket.gethostname()
 

@@ -9,6 +9,8 @@ import pytest
 
 from twostage_jax.runtime import parallel
 from twostage_jax.runtime import xla_options
+
+
 def test_unknown_options_are_dropped_with_a_warning(caplog):
   options = {'xla_embed_ir_in_executable': False, 'xla_cpu_no_such_option_anywhere': 1}
   with caplog.at_level(logging.WARNING):

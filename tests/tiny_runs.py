@@ -13,6 +13,7 @@ import pytest
 from configs import demo
 from twostage_jax.evaluation import evaluate
 from twostage_jax.training import train
+
 # The demo at 32x32, small enough that a run takes seconds: 20 training
 # images (4 of them held out), 4 good and 2 per defect type for the test set.
 TINY_DEMO = {

@@ -31,6 +31,7 @@ from twostage_jax.workdir import checkpoints
 from twostage_jax.workdir import lock as workdir_lock
 from twostage_jax.workdir import paths
 from twostage_jax.workdir import run_config
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Config file; override values with --config.key=value.',

@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from twostage_jax.training import precision
+
+
 def _blur_matrix(size: int, taps: jax.Array) -> jax.Array:
   """(size, size) matrix of a 1-D 'same' filtering with zero padding.
 

@@ -26,6 +26,7 @@ from twostage_jax.inference import calibration
 from twostage_jax.inference import engine
 from twostage_jax.workdir import atomic_write
 from twostage_jax.workdir import paths
+
 _CURVE_POINTS = 1000  # plotted points per curve; the metrics use every point
 PRO_MAX_FPR = 0.3  # the MVTec AD convention, which the report's column titles state
 

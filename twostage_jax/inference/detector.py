@@ -33,6 +33,7 @@ from twostage_jax.inference import engine
 from twostage_jax.workdir import atomic_write
 from twostage_jax.workdir import paths
 from twostage_jax.workdir import run_config
+
 EXPORT_FILE = 'detector.jax'
 INFO_FILE = 'detector.json'
 # Images per call: a fixed size, so the batch-polymorphic export compiles once.

@@ -32,6 +32,7 @@ from twostage_jax import data
 from twostage_jax.inference import detector
 from twostage_jax.workdir import atomic_write
 from twostage_jax.workdir import paths
+
 SCORES_FILE = 'scores.csv'
 # scores.csv decision of an image file that could not be decoded.
 UNREADABLE = 'unreadable'

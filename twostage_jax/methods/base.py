@@ -22,6 +22,7 @@ from twostage_jax.runtime import pipeline
 from twostage_jax.training import network_state
 from twostage_jax.training import schedules
 from twostage_jax.training import train_step as default_step
+
 Variables = network_state.Variables
 Batch = default_step.Batch
 Objective = default_step.Objective

@@ -11,6 +11,8 @@ from twostage_jax.runtime import prefetch
 from twostage_jax.training import schedules
 from twostage_jax.training import summaries
 from twostage_jax.workdir import paths
+
+
 class Progress:
   """Prints step, loss, images/s, data wait and ETA; appends them to metrics.jsonl.
 

@@ -36,6 +36,7 @@ from twostage_jax.runtime import parallel
 from twostage_jax.runtime import xla_options
 from twostage_jax.training import train_state
 from twostage_jax.workdir import paths
+
 # Metrics.jsonl keys that are not measurements.
 _NOT_SCALARS = ('stage', 'step', 'time')
 

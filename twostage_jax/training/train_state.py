@@ -15,6 +15,7 @@ from twostage_jax.runtime import parallel
 from twostage_jax.training import network_state
 from twostage_jax.workdir import checkpoints as checkpoints_lib
 from twostage_jax.workdir import paths
+
 Variables = network_state.Variables
 
 

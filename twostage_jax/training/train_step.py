@@ -5,6 +5,7 @@ from typing import Any, Callable
 import jax
 
 from twostage_jax.training import network_state
+
 Batch = dict[str, jax.Array]
 # (prediction, batch) -> (scalar loss, metrics of this device's share).
 Objective = Callable[[jax.Array, Batch], tuple[jax.Array, dict[str, jax.Array]]]

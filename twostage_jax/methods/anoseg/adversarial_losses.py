@@ -12,6 +12,7 @@ import optax
 
 from twostage_jax import losses as shared_losses
 from twostage_jax.training import precision
+
 SEGMENTATION_NORMS = shared_losses.ERROR_NORMS
 
 

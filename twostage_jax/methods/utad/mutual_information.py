@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from twostage_jax.training import precision
+
+
 def jsd_mutual_information(joint_logits: jax.Array, marginal_logits: jax.Array) -> jax.Array:
   """f-GAN's Jensen-Shannon estimate of I(x; z) from T's logits of joint and marginal pairs."""
   return (jnp.mean(-jax.nn.softplus(-precision.widen(joint_logits)))

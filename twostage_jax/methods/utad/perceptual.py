@@ -59,6 +59,7 @@ from absl import flags
 
 from twostage_jax.training import precision
 from twostage_jax.workdir import atomic_write
+
 try:
   from numpy._core import multiarray as _multiarray
 except ImportError:  # numpy 1.x without the numpy._core aliases

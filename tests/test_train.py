@@ -18,10 +18,13 @@ from twostage_jax import methods
 from twostage_jax.evaluation import evaluate
 from twostage_jax.inference import engine
 from twostage_jax.runtime import parallel
+from twostage_jax.runtime import prefetch
 from twostage_jax.training import precision
+from twostage_jax.training import progress
 from twostage_jax.training import train
 from twostage_jax.training import train_state
 from twostage_jax.training import train_step
+from twostage_jax.workdir import paths
 
 ROOT = child_process.ROOT
 
@@ -265,3 +268,13 @@ def test_bfloat16_training_keeps_float32_state_and_learns(method):
                                                     state.batch_stats))
             if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)}
   assert dtypes == {jax.numpy.dtype('float32')}
+
+
+def test_progress_logs_the_learning_rate_of_the_schedule_it_is_given(tmp_path):
+  config = demo.get_config()
+  log = progress.Progress(str(tmp_path), config, 1, 0, lambda step: 0.5 * (step + 1))
+  for step in (1, 3):
+    log.log(step, {'loss': np.float32(1.0)}, prefetch.DataWaitClock(), first=step == 1)
+  records = [json.loads(line) for line in open(paths.metrics_log(str(tmp_path)))]
+  # The rate of step n is the schedule at n - 1: optax counts updates from 0.
+  assert [r['learning_rate'] for r in records] == [0.5, 1.5]

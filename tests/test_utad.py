@@ -597,3 +597,19 @@ def test_ie_net_takes_its_own_learning_rate_or_the_training_one(rate, expected):
   for update in jax.tree.leaves(updates):
     np.testing.assert_allclose(update, -expected, rtol=1e-6)
   assert config.train.learning_rate == 1e-3
+
+
+def test_each_stage_logs_the_learning_rate_its_optimizer_follows():
+  config = small_config()
+  config.ie_net.learning_rate = 0.037
+  for stage, expected in ((1, 0.037), (2, config.train.learning_rate)):
+    schedule = METHOD.learning_rate(config, stage)
+    assert float(schedule(0)) == pytest.approx(expected)
+    state = METHOD.create_state(config, train_state.prng_key(0), stage)
+    ones = jax.tree.map(jnp.ones_like, state.params)
+    updates, _ = state.tx.update(ones, state.opt_state, state.params)
+    # The first step of SGD with momentum moves by -rate * g, of Adam by
+    # -rate * g / (|g| + 1e-8): -rate for g = 1, but for Adam's bias correction
+    # in float32 (1 - 0.999 rounds to 1.3e-5 of itself off, 6.4e-6 under its root).
+    for update in jax.tree.leaves(updates):
+      np.testing.assert_allclose(update, -expected, rtol=1e-5)

@@ -75,6 +75,13 @@ class Method(abc.ABC):
   def create_model(self, config: ml_collections.ConfigDict, stage: int) -> nn.Module:
     """The network `stage` trains; float32 parameters whatever the compute dtype."""
 
+  def learning_rate(self, config: ml_collections.ConfigDict, stage: int) -> optax.Schedule:
+    """The learning-rate schedule of `stage`'s optimizers, which training also logs.
+
+    By default `train.learning_rate` with the decay of `train`, over the stage's steps.
+    """
+    return schedules.learning_rate_schedule(config.train, schedules.stage_steps(config, stage))
+
   def create_state(self, config: ml_collections.ConfigDict, key: jax.Array, stage: int) -> Any:
     """Fresh training state of `stage`: by default its network (`create_model`) with Adam.
 
@@ -83,10 +90,9 @@ class Method(abc.ABC):
     `maps_fn` receives (e.g. `network_state.AdversarialState`).
     """
     model = self.create_model(config, stage)
-    schedule = schedules.learning_rate_schedule(config.train, schedules.stage_steps(config, stage))
     return network_state.create(
         model, key, jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32),
-        optax.adam(schedule))
+        optax.adam(self.learning_rate(config, stage)))
 
   def train_step(self, config: ml_collections.ConfigDict, stage: int) -> default_step.Step:
     """The pure per-device step of `stage`: by default one update on `objective`."""

@@ -5,6 +5,7 @@ import time
 
 import jax
 import ml_collections
+import optax
 from absl import logging
 
 from twostage_jax.runtime import prefetch
@@ -22,11 +23,13 @@ class Progress:
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, stage: int,
-               start_step: int, summary: summaries.Writer | None = None):
+               start_step: int, learning_rate: optax.Schedule,
+               summary: summaries.Writer | None = None):
+    """`learning_rate`: the schedule the stage's optimizer follows (Method.learning_rate)."""
     self._path = paths.metrics_log(workdir)
     self._stage = stage
     self._num_steps = schedules.stage_steps(config, stage)
-    self._schedule = schedules.learning_rate_schedule(config.train, self._num_steps)
+    self._schedule = learning_rate
     self._batch = config.train.global_batch_size
     self._writes = jax.process_index() == 0
     self._last_step = start_step

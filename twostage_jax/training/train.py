@@ -99,7 +99,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                    xla_options.compiler_options(config))
   step_key = jax.random.fold_in(train_state.prng_key(config.seed + 1), stage)
   summary = summaries.Writer(workdir, config, stage, start_step, held_out, mesh)
-  log = progress.Progress(workdir, config, stage, start_step, summary)
+  log = progress.Progress(workdir, config, stage, start_step,
+                          method.learning_rate(config, stage), summary)
 
   clock = prefetch.DataWaitClock()
   device_batches = prefetch.prefetch(

@@ -38,7 +38,6 @@ from twostage_jax.runtime import pipeline
 from twostage_jax.runtime.parallel import DATA_AXIS
 from twostage_jax.training import network_state
 from twostage_jax.training import precision
-from twostage_jax.training import schedules
 
 SEGMENTATION, DETECTOR = 'anoseg', 'detector'
 IMAGE_SCORES = ('detector', 'map')  # eval.image_score: Eq. 5, or eval.score_rule of the map
@@ -140,7 +139,7 @@ class AnoSeg(base.Method):
   def create_state(self, config: ml_collections.ConfigDict, key: jax.Array,
                    stage: int) -> network_state.AdversarialState:
     """Generator and discriminator of `stage`, each with Adam (b1 `train.adam_b1`)."""
-    schedule = schedules.learning_rate_schedule(config.train, schedules.stage_steps(config, stage))
+    schedule = self.learning_rate(config, stage)
     size = config.image_size
     generator_key, discriminator_key = jax.random.split(key)
     channels = 3 if stage == 1 else 4  # the detector's generator also reads the map

@@ -137,20 +137,21 @@ class UTAD(base.Method):
     """IE-Net (1) or Expert-Net (2)."""
     return self._ie_net(config) if stage == 1 else self._expert_net(config)
 
+  def learning_rate(self, config: ml_collections.ConfigDict, stage: int) -> optax.Schedule:
+    """IE-Net's rate is `ie_net.learning_rate` (`train.learning_rate` when None)."""
+    steps = schedules.stage_steps(config, stage)
+    if stage == 1:
+      return schedules.learning_rate_schedule(config.train, steps, config.ie_net.learning_rate)
+    return schedules.learning_rate_schedule(config.train, steps)
+
   def create_state(self, config: ml_collections.ConfigDict, key: jax.Array,
                    stage: int) -> network_state.TrainState:
-    """IE-Net with SGD and momentum `ie_net.momentum`; Expert-Net with Adam (the paper's).
-
-    IE-Net's rate is `ie_net.learning_rate`, or `train.learning_rate` when None.
-    """
-    steps = schedules.stage_steps(config, stage)
+    """IE-Net with SGD and momentum `ie_net.momentum`; Expert-Net with Adam (the paper's)."""
     images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    schedule = self.learning_rate(config, stage)
     if stage == 1:
-      schedule = schedules.learning_rate_schedule(config.train, steps,
-                                                  config.ie_net.learning_rate)
       return network_state.create(self._ie_net(config), key, images,
                                   optax.sgd(schedule, momentum=config.ie_net.momentum))
-    schedule = schedules.learning_rate_schedule(config.train, steps)
     return network_state.create(self._expert_net(config), key, (images, images),
                                 optax.adam(schedule))
 

@@ -1,7 +1,8 @@
 """Trains, evaluates and applies the anomaly segmentation models.
 
-The two-stage model (configs/mvtec.py, configs/demo.py) or Bauer's
-autoencoder (configs/bauer.py), through the same modes:
+The two-stage model (configs/mvtec.py, configs/demo.py), Bauer's
+autoencoder (configs/bauer.py), AnoSeg (configs/anoseg.py) or UTAD
+(configs/utad.py), through the same modes:
 
   python main.py --config=configs/demo.py --workdir=runs/demo
   python main.py --config=configs/mvtec.py --workdir=runs/bottle \
@@ -17,7 +18,7 @@ autoencoder (configs/bauer.py), through the same modes:
 Running the same training command again resumes where it stopped. A workdir
 keeps the config it was trained with (`config.json`): later commands on it use
 that config, and refuse a `--config.key=value` that would change what was
-learned (README lists the settings that may change).
+learned (docs/workdir.md lists the settings that may change).
 
 The program is in twostage_jax/cli.py: the input pipeline's workers are
 spawned processes that re-import this file, and nothing here imports JAX.

@@ -8,7 +8,7 @@ for each generator. Part 2 times `pipeline.batches` with 1, 2 and 4 spawned
 workers: total samples/s of batches delivered, after the pool has started.
 Beside each figure it times the same stream on grain (pip install grain), the
 JAX ecosystem's data loader, and says whether both gave the same first and
-last batch: it is the measurement behind keeping our own pool (README, "Input
+last batch: it is the measurement behind keeping our own pool (docs/training.md, "Input
 pipeline"). Without grain installed that column is skipped. Each figure is the
 best of --repeats runs, ours and grain alternating, since other processes on a
 shared machine slow whichever run they overlap.

@@ -11,7 +11,8 @@ from ml_collections.config_dict import placeholder
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  # 'two_stage' (this recipe) or 'bauer' (configs/bauer.py).
+  # 'two_stage' (this recipe), 'bauer', 'anoseg' or 'utad' (configs/bauer.py,
+  # configs/anoseg.py, configs/utad.py).
   config.method = 'two_stage'
   config.seed = 0
   # Which stages --mode=train trains: 'both' (stage 1, then stage 2), '1'
@@ -40,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.demo.num_test_good = 20
   config.demo.num_test_per_defect = 8
 
-  # Pseudo-anomalies (DRAEM's Perlin + SAIM superpixels), see DESIGN.md.
+  # Pseudo-anomalies: DRAEM's Perlin blends and SAIM's superpixel pastes
+  # (twostage_jax/synthesis/pseudo_anomaly.py).
   config.synthesis = ml_collections.ConfigDict()
   # 'draem': DRAEM's Perlin recipe (the keys below, its ten augmenters);
   # 'tasad': the two-stage public code's (Perlin threshold ~ U(0, 1) per
@@ -108,7 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.ssim_weight = 1.0
   config.loss.l2_weight = 1.0
 
-  # Stage 2 (DESIGN.md "Stage 2"; documented in twostage_jax/methods/two_stage/refine.py).
+  # Stage 2 (docs/methods.md; twostage_jax/methods/two_stage/refine.py).
   config.refine = ml_collections.ConfigDict()
   # 'tasad': the public code's test-time rule on the 8-bit map (methods/two_stage/refine.py);
   # against 'absolute' (map >= threshold) it gave the better mean combined

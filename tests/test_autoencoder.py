@@ -31,7 +31,7 @@ def small_model(axis_name=None, dtype=jnp.float32):
       bn_epsilon=1e-5, axis_name=axis_name, dtype=dtype)
 
 
-# Table 1 of the paper (../shared/papers/004_*), row by row: layer type,
+# Table 1 of Bauer's paper, row by row: layer type,
 # number of filters, filter size. An SDC row is five dilated convolutions of
 # that many filters each, concatenated.
 TABLE_1 = (

@@ -1,4 +1,4 @@
-"""The package's structure: the layers README's "Architecture" draws, sealed methods, paths.
+"""The package's structure: the layers docs/architecture.md draws, sealed methods, paths.
 
 Reads every module's imports with `ast` (imports inside functions too) and
 checks that no import reaches up a layer, that the imports have no cycle,

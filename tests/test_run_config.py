@@ -10,6 +10,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from twostage_jax import methods
 from twostage_jax.workdir import checkpoints as checkpoints_lib
 from twostage_jax.workdir import paths
 from twostage_jax.workdir import run_config
@@ -177,7 +178,8 @@ def test_a_workdir_without_config_or_checkpoints_is_new(tmp_path):
 
 def test_per_run_keys_are_keys_of_the_configs_and_cover_their_subkeys():
   configs = [command_line(name)[0] for name in ('mvtec.py', 'anoseg.py', 'utad.py')]
-  for key in run_config.PER_RUN_KEYS:
+  method_keys = tuple(key for name in methods.names() for key in methods.get(name).per_run_keys)
+  for key in run_config.PER_RUN_KEYS + method_keys:
     found = False
     for config in configs:
       node = config
@@ -189,6 +191,8 @@ def test_per_run_keys_are_keys_of_the_configs_and_cover_their_subkeys():
         found = True
     assert found, f'{key} is a key of no config'
   assert run_config.is_per_run('distributed.coordinator_address')
+  assert not run_config.is_per_run('refine.superpixels')
+  assert run_config.is_per_run('refine.superpixels', methods.get('two_stage').per_run_keys)
   assert run_config.is_per_run('xla_cpu_options.xla_cpu_use_thunk_runtime')
   assert not run_config.is_per_run('train.num_steps')
   assert not run_config.is_per_run('eval')

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from twostage_jax import config_validation
 from twostage_jax import data
+from twostage_jax import methods
 from twostage_jax.evaluation import evaluate
 from twostage_jax.evaluation import report
 from twostage_jax.inference import detector
@@ -109,7 +110,10 @@ def run_all_categories(config: ml_collections.ConfigDict, workdir: str, mode: st
 def _checked_run_config(config: ml_collections.ConfigDict, overrides: dict,
                         workdir: str) -> ml_collections.ConfigDict:
   """The run's config in `workdir` (its saved one, if any) with `overrides`, validated."""
-  return _validated(run_config.resolve(config, overrides, workdir))
+  if config.method not in methods.names():
+    _validated(config)  # names the unknown method beside every other problem
+  method_keys = methods.get(config.method).per_run_keys
+  return _validated(run_config.resolve(config, overrides, workdir, method_keys))
 
 
 def _validated(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -63,6 +63,9 @@ class Method(abc.ABC):
   name: str
   stages: tuple[int, ...]  # every stage it trains, in training order
   config_rules: tuple[Rule, ...] = ()  # checked by config_problems
+  # Config keys of the method's own that may change on a trained workdir
+  # (beside run_config.PER_RUN_KEYS): settings of how it runs, not of what it learned.
+  per_run_keys: tuple[str, ...] = ()
   # Config sections that change the maps or image scores of trained networks
   # (held-out thresholds are recomputed when they change).
   inference_sections: tuple[str, ...] = ()

@@ -33,9 +33,8 @@ from twostage_jax.workdir import paths
 # Settings an existing workdir's command may change: which stages it trains
 # (stage 2 on a workdir whose stage 1 was trained alone), how a run logs, feeds
 # and compiles, which checkpoints it evaluates, how it scores and thresholds,
-# where it predicts and what it exports for, and where the refinement's SLIC
-# runs (the same algorithm on host or device; methods/two_stage/device_slic.py). A key covers
-# the keys below it.
+# where it predicts and what it exports for. A key covers the keys below it.
+# A method adds its own (`Method.per_run_keys`).
 PER_RUN_KEYS = (
     'stage',
     'train.log_every',
@@ -59,10 +58,6 @@ PER_RUN_KEYS = (
     'predict_output_dir',
     'distributed',
     'xla_cpu_options',
-    'refine.superpixels',
-    'detector.alpha',
-    'detector.beta',
-    'perceptual',
     'export',
 )
 
@@ -88,9 +83,9 @@ def _covered(key: str, prefixes: Any) -> bool:
   return any(key == k or key.startswith(k + '.') for k in prefixes)
 
 
-def is_per_run(key: str) -> bool:
-  """Whether `key` may differ from the saved config (see PER_RUN_KEYS)."""
-  return _covered(key, PER_RUN_KEYS)
+def is_per_run(key: str, method_keys: tuple[str, ...] = ()) -> bool:
+  """Whether `key` may differ from the saved config (PER_RUN_KEYS and the method's keys)."""
+  return _covered(key, PER_RUN_KEYS + tuple(method_keys))
 
 
 def _plain(value: Any) -> Any:
@@ -210,7 +205,7 @@ def _completed(saved: dict[str, Any], file_config: ml_collections.ConfigDict,
 
 
 def resolve(file_config: ml_collections.ConfigDict, overrides: dict[str, Any],
-            workdir: str) -> ml_collections.ConfigDict:
+            workdir: str, method_keys: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
   """The config of a command on `workdir`.
 
   Args:
@@ -219,6 +214,7 @@ def resolve(file_config: ml_collections.ConfigDict, overrides: dict[str, Any],
     overrides: the explicit `--config.key=value` values, by dotted key
       (`explicit_overrides`).
     workdir: the run's folder.
+    method_keys: the per-run keys of the run's method (`Method.per_run_keys`).
 
   Returns:
     `file_config` for a new workdir; otherwise the saved config with the
@@ -237,7 +233,7 @@ def resolve(file_config: ml_collections.ConfigDict, overrides: dict[str, Any],
   refused = []
   for key, value in overrides.items():
     given, stored = _plain(value), _get(run, key)
-    if is_per_run(key) or given == stored:
+    if is_per_run(key, method_keys) or given == stored:
       _set(run, key, given)
     elif stored is _MISSING:
       refused.append(f'--config.{key}: not in the saved config, given {json.dumps(given)}')
@@ -248,7 +244,7 @@ def resolve(file_config: ml_collections.ConfigDict, overrides: dict[str, Any],
         f'workdir {os.path.abspath(workdir)} was trained with the config in {source}; '
         'these command-line values would change it:\n  ' + '\n  '.join(refused) +
         '\nDrop them, or start a new run in another --workdir. Settings that may change '
-        f'on a trained workdir: {", ".join(PER_RUN_KEYS)}.')
+        f'on a trained workdir: {", ".join(PER_RUN_KEYS + tuple(method_keys))}.')
   differing = sorted(
       key for key, value in _leaves(_plain(file_config)).items()
       if _get(run, key) not in (_MISSING, value) and not _covered(key, overrides))

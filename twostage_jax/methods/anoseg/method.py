@@ -83,6 +83,8 @@ class AnoSeg(base.Method):
   name = 'anoseg'
   stages = (1, 2)
   inference_sections = ('detector',)
+  # The detector's weights of Eq. 5 only score trained maps.
+  per_run_keys = ('detector.alpha', 'detector.beta')
   config_rules = (
       ('model.encoder_widths', lambda v: len(v) == 4 and all(w > 0 for w in v),
        "4 positive widths (ResNet-18's stages)"),

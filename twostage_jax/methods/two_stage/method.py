@@ -99,6 +99,8 @@ class TwoStage(base.Method):
   name = 'two_stage'
   stages = (1, 2)
   inference_sections = ('refine',)
+  # Where the refinement's SLIC runs: the same algorithm on host or device.
+  per_run_keys = ('refine.superpixels',)
   config_rules = (
       ('model.width', lambda v: v > 0, 'positive'),
       ('model.init', lambda v: v in layers.INITS, ' or '.join(map(repr, layers.INITS))),

@@ -1,6 +1,6 @@
 """The per-stage segmentation network of the two-stage coarse-to-fine model.
 
-An encoder-decoder without skip connections (DESIGN.md, "Segmentation
+An encoder-decoder without skip connections (docs/methods.md, "Segmentation
 network"): the missing skips keep the network from copying input texture into
 the map, so it has to recognise the anomaly. Width 128 gives 11,955,969
 parameters (BatchNorm scale/bias included, running statistics excluded).

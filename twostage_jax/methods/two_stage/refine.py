@@ -1,6 +1,6 @@
 """Stage-1 map -> superpixel region -> stage-2 input, and the final map.
 
-The refinement of the two-stage model (DESIGN.md, "Stage 2"):
+The refinement of the two-stage model (docs/methods.md, "Stage 2 and the final map"):
 
 1. threshold the stage-1 map (`refine.threshold_rule`):
    'absolute': map >= threshold; 'relative': map >= threshold * the map's

@@ -59,6 +59,8 @@ class UTAD(base.Method):
   name = 'utad'
   stages = (1, 2)
   inference_sections = ('perceptual',)
+  # The perceptual measure only scores trained maps.
+  per_run_keys = ('perceptual',)
   config_rules = (
       ('ie_net.encoder_widths', *_INCEPTION_WIDTHS),
       ('ie_net.decoder_widths', *_INCEPTION_WIDTHS),

@@ -11,7 +11,7 @@
   residual blocks whose AdaIN parameters come from the detail code.
 
 The paper's text lost Sec. 3.1's end, Sec. 3.2 and Eqs. 4-7 and gives no
-widths. What these modules fix (README "UTAD" lists the same choices):
+widths. What these modules fix (docs/methods.md, "UTAD", lists the same choices):
 - the latent code is spatial: the MLP (three dense layers) maps each
   position of the encoder's output to (mu, log sigma^2) of a code there, so
   the map keeps where things are; the KL term pulls every code towards

@@ -8,11 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import float32_tolerance  # tests/float32_tolerance.py
 from configs import bauer
 from configs import demo
+from twostage_jax import Detector
 from twostage_jax import config_validation
+from twostage_jax import data
 from twostage_jax import methods
 from twostage_jax.evaluation import evaluate
+from twostage_jax.inference import detector
+from twostage_jax.inference import engine
 from twostage_jax.methods import base
 from twostage_jax.training import train
 
@@ -123,3 +128,62 @@ def test_a_new_method_plugs_in_by_registering_it(square_finder, tmp_path):
   assert results['final_map'] == 'squares' and list(results['rows']) == ['squares']
   assert results['stage1_step'] == 6 and 'stage2_step' not in results
   assert results['thresholds']['method'] == 'square_finder'
+
+
+class _ThreeStageSquares(_SquareFinder):
+  """Three stages, each built on the frozen ones before it, and their mean as the final map."""
+
+  name = 'three_squares'
+  stages = (1, 2, 3)
+  MAPS = ('stage 1', 'stage 2', 'stage 3', 'mean')
+
+  def frozen_stages(self, stage):
+    return tuple(range(1, stage))
+
+  def map_names(self, config, trained):
+    return self.MAPS[:len(trained)] + (('mean',) if len(trained) == 3 else ())
+
+  def maps_fn(self, config, trained):
+    model = self.create_model(config, 1)
+
+    def maps(variables, batch):
+      out = {f'stage {i + 1}': model.apply(v, batch['image'], train=False)
+             for i, v in enumerate(variables)}
+      if len(variables) == 3:
+        out['mean'] = sum(out.values()) / 3
+      return out
+
+    return maps
+
+
+@pytest.fixture
+def three_squares():
+  methods.register(_ThreeStageSquares())
+  yield
+  methods.unregister('three_squares')
+
+
+def test_a_three_stage_method_trains_evaluates_and_exports_without_shared_edits(
+    three_squares, tmp_path):
+  config = demo.get_config()
+  config.update_from_flattened_dict({
+      'method': 'three_squares', 'cache_dir': str(tmp_path / 'cache'), 'image_size': 32,
+      'demo.num_train': 12, 'demo.num_test_good': 3, 'demo.num_test_per_defect': 2,
+      'train.num_workers': 0, 'train.num_steps': 4, 'train.log_every': 2,
+      'train.checkpoint_every': 2, 'eval.batch_size': 8, 'eval.num_examples': 1,
+      'train.tensorboard': False, 'export.platforms': ('cpu',),
+  })
+  config_validation.validate(config)
+  assert train.stages_to_train(config) == (1, 2, 3)
+  workdir = str(tmp_path / 'run')
+  for stage in (1, 2, 3):
+    assert int(train.train(config, workdir, stage).step) == 4
+  results = evaluate.evaluate(config, workdir)
+  assert list(results['rows']) == ['stage 1', 'stage 2', 'stage 3', 'mean']
+  assert results['final_map'] == 'mean'
+  assert (results['stage1_step'], results['stage2_step'], results['stage3_step']) == (4, 4, 4)
+  images = data.category_test_set(config).images
+  expected = engine.anomaly_maps(config, engine.load_model(config, workdir), images)['mean']
+  folder = detector.export(config, workdir)
+  prediction = Detector.load(folder).predict(images)
+  float32_tolerance.assert_same_function(np.stack(prediction.maps), expected)

@@ -5,10 +5,10 @@ import optax
 
 
 def stage_steps(config: ml_collections.ConfigDict, stage: int) -> int:
-  """Training steps of `stage`: `stage2.num_steps` for stage 2 when set, else `train.num_steps`."""
-  stage2 = config.get('stage2')
-  if stage == 2 and stage2 is not None and stage2.num_steps is not None:
-    return stage2.num_steps
+  """Training steps of `stage`: `stage<n>.num_steps` where the config sets it, else `train.num_steps`."""
+  section = config.get(f'stage{stage}')
+  if section is not None and section.get('num_steps') is not None:
+    return section.num_steps
   return config.train.num_steps
 
 

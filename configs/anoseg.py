@@ -11,17 +11,15 @@ value below says where it comes from.
 
 import ml_collections
 
-from configs import mvtec
+from configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = mvtec.get_config()
+  config = base.get_config()
   config.method = 'anoseg'
   config.stage = 'both'  # '1': AnoSeg alone (the map and its score rule), '2': the detector
   config.image_size = 256  # the paper's
   # Pseudo-anomalies are pasted from the image itself: no anomaly sources.
-  for name in ('refine', 'synthesis', 'distortion', 'anomaly_source_dir'):
-    del config[name]
 
   # Hard augmentation + CutPaste (twostage_jax/synthesis/cutpaste.py, which
   # documents each field). The paper: each augmentation with probability 0.5.
@@ -46,7 +44,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.cutpaste.aspect_min = 0.3
 
   # Networks of Table 6 (twostage_jax/methods/anoseg/model.py).
-  config.model = ml_collections.ConfigDict()
   config.model.encoder_widths = (64, 128, 256, 512)  # ResNet-18, from scratch
   config.model.decoder_widths = (512, 256, 128, 128, 128, 128)
   # One per halving of the image down to 2x2: log2(image_size) - 1 entries.
@@ -57,7 +54,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.coordinate_channels = True
   config.model.bn_momentum = 0.9  # = PyTorch momentum 0.1
   config.model.bn_epsilon = 1e-5
-  config.model.compute_dtype = 'auto'  # as in configs/mvtec.py
 
   # Stage 1. The paper gives no weights. L_Seg is the mean squared error (the
   # paper's introduction names MSE as the segmentation loss it uses directly).

@@ -13,7 +13,7 @@ the modified pixels instead (`loss.objective`).
 
 import ml_collections
 
-from configs import mvtec
+from configs import base
 
 # Rotations and flips that keep a category's normal appearance normal:
 # textures take all of them, objects that are symmetric under some of them
@@ -34,15 +34,11 @@ _CATEGORY_AUGMENT = {
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = mvtec.get_config()
+  config = base.get_config()
   config.method = 'bauer'
   config.stage = '1'  # a single network
   config.category = 'grid'
   config.image_size = 256  # the paper uses 512
-  for name in ('refine', 'stage2'):
-    del config[name]
-
-  config.model = ml_collections.ConfigDict()
   config.model.encoder_widths = (32, 64, 128)
   config.model.sdc_blocks = 4
   config.model.sdc_filters = 64
@@ -50,15 +46,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.sdc_kernel = 5
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-5
-  config.model.compute_dtype = 'auto'  # as in configs/mvtec.py
 
   config.loss = ml_collections.ConfigDict()
   config.loss.objective = 3  # 1: inpaint the modified pixels; 3: contrast them
   config.loss.lam = 0.5  # weight of the unmodified-pixel term
 
-  # Every training sample gets one distorted patch (config.distortion).
-  config.synthesis.p_anomaly = 1.0
-  config.synthesis.p_distortion = 1.0
+  # Every training sample gets one distorted patch.
+  config.distortion = base.patch_distortion()
 
   for category, (rotations, hflip, vflip) in _CATEGORY_AUGMENT.items():
     config.augment_by_category[category] = ml_collections.ConfigDict(

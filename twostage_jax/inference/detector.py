@@ -42,15 +42,15 @@ _BATCH_SIZE_KEY = 'batch_size'
 DetectFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def _detector_of_variables(config: ml_collections.ConfigDict, model: engine.TrainedModel
+def _detector_of_variables(pure_config: ml_collections.ConfigDict, model: engine.TrainedModel
                            ) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
   """Pure `(variables, uint8 images) -> (final maps, image scores)` of `model`'s stages.
 
-  Everything the method computes on the host for evaluation (the two-stage
-  model's SLIC labels) runs on the device here (`Method.pure_config`).
+  `pure_config` is the run's config after `Method.pure_config`: everything the
+  method computes on the host for evaluation (the two-stage model's SLIC
+  labels) runs on the device here.
   """
-  config = methods.get(config.method).pure_config(config)
-  maps_and_scores = engine.maps_and_scores_fn(config, model.trained)
+  maps_and_scores = engine.maps_and_scores_fn(pure_config, model.trained)
   final = model.final_map
 
   def detect(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -66,7 +66,8 @@ def detector_fn(config: ml_collections.ConfigDict, model: engine.TrainedModel) -
   The trained variables are inside it, as constants, which is what an
   export holds.
   """
-  return functools.partial(_detector_of_variables(config, model), model.variables)
+  pure_config = methods.get(config.method).pure_config(config)
+  return functools.partial(_detector_of_variables(pure_config, model), model.variables)
 
 
 def _package_version() -> str:
@@ -90,7 +91,8 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   thresholds = calibration.ensure_thresholds(config, workdir, model)
   size = config.image_size
   batch, = jax.export.symbolic_shape('batch')
-  exported = jax.export.export(jax.jit(detector_fn(config, model)),
+  detect = functools.partial(_detector_of_variables(config, model), model.variables)
+  exported = jax.export.export(jax.jit(detect),
                                platforms=tuple(config.export.platforms))(
                                    jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8))
   info = {

@@ -32,6 +32,7 @@ import numpy as np
 import tensorboardX
 
 from twostage_jax import methods
+from twostage_jax.inference import engine
 from twostage_jax.runtime import parallel
 from twostage_jax.runtime import xla_options
 from twostage_jax.training import train_state
@@ -70,24 +71,28 @@ def _normalised(maps: np.ndarray) -> np.ndarray:
 class HeldOutMaps:
   """The method's anomaly maps of a few held-out normal images at the current state.
 
-  The images and their host inputs (stage 2's SLIC labels) are prepared and
-  sent to the devices once, and the map function compiles once; each call is
-  then one forward pass of the few images, replicated on every device (every
-  process must call it: the variables span all of them).
+  The maps are those evaluation and the detector report (`engine.maps_and_scores_fn`:
+  the method's maps, then the smoothing). The images and their host inputs
+  (stage 2's SLIC labels) are prepared and sent to the devices once, and the
+  function compiles once; each call is then one forward pass of the few
+  images, replicated on every device (every process must call it: the
+  variables span all of them).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, stage: int, images: np.ndarray,
                mesh: jax.sharding.Mesh):
     method = methods.get(config.method)
     trained = method.frozen_stages(stage) + (stage,)
-    batch = {'image': images.astype(np.float32) / 255.0,
+    batch = {'image': images,
              **next(method.host_inputs(config, trained, images, len(images), 0))}
-    self.images = batch['image']
+    self.images = images.astype(np.float32) / 255.0
     sharding = parallel.replicated(mesh)
     self._batch = {key: jax.make_array_from_callback(value.shape, sharding,
                                                      lambda index, v=value: v[index])
                    for key, value in batch.items()}
-    self._maps = jax.jit(method.maps_fn(config, trained), out_shardings=sharding,
+    maps_and_scores = engine.maps_and_scores_fn(config, trained)
+    self._maps = jax.jit(lambda variables, batch: maps_and_scores(variables, batch)[0],
+                         out_shardings=sharding,
                          compiler_options=xla_options.compiler_options(config) or None)
 
   def __call__(self, variables: tuple[train_state.Variables, ...]) -> dict[str, np.ndarray]:

@@ -1,6 +1,6 @@
 """Memory of the anomaly sources in the training workers: one copy per machine, not per worker.
 
-  python benchmarks/source_memory.py --source-dir=../shared/data/dtd \
+  python benchmarks/source_memory.py --source-dir=/data/dtd/images \
       [--copies-of=5640] [--image-size=256] [--workers=8]
 
 Builds (or reuses) the source store of --source-dir, then a store of

@@ -36,6 +36,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
+scratch=$(mktemp -d)  # the paper run's workdir, the tiny demo's cache
+trap 'rm -rf "$scratch"' EXIT
 carry=.gpu_carry
 if [ -d $carry/wheels ] && ls $carry/wheels/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -47,7 +49,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 common=(--config.data_cache=none --config.train.tensorboard=False)
 if [ $tiny = 1 ]; then
   # Host SLIC in stage 2's workers: device SLIC on a CPU would be most of the minute.
-  config=(--config=configs/demo.py "${common[@]}" --config.cache_dir="$(mktemp -d)"
+  config=(--config=configs/demo.py "${common[@]}" --config.cache_dir="$scratch/cache"
           --config.demo.num_train=24 --config.demo.num_test_good=6
           --config.demo.num_test_per_defect=3 --config.eval.batch_size=8)
   step_args=(--steps=1 --rounds=1)
@@ -91,7 +93,7 @@ for dtype in bfloat16:bf16 float32:f32; do
     --dtype=${dtype%:*} "${step_args[@]}" "${torch[@]}" --json="$OUT/step_${dtype#*:}.json"
 done
 paper_budget=$(( budget - ($(date +%s) - start) - limits[3] ))
-workdir=$(mktemp -d)/paper_run
+workdir=$scratch/paper_run
 phase "paper run" "$paper_budget" $PY benchmarks/paper_run.py --budget-s=$paper_budget \
   --step-json="$OUT/step_bf16.json" --workdir="$workdir" --json="$OUT/paper_run.json" \
   "${paper[@]}" -- "${config[@]}"

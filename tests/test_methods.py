@@ -104,22 +104,35 @@ class _SquareFinder(base.Method):
                                                             train=False)}
 
 
-@pytest.fixture
-def square_finder():
-  methods.register(_SquareFinder())
-  yield
-  methods.unregister('square_finder')
+def _registered(method):
+  """A fixture that registers `method` for a test and forgets it afterwards."""
+  @pytest.fixture
+  def fixture():
+    methods.register(method)
+    yield
+    methods.unregister(method.name)
+  return fixture
+
+
+def _tiny_config(method, tmp_path, num_steps, **extra):
+  """The demo at 32x32, a few images, `num_steps` steps with a checkpoint halfway."""
+  config = demo.get_config()
+  config.update_from_flattened_dict({
+      'method': method, 'cache_dir': str(tmp_path / 'cache'), 'image_size': 32,
+      'demo.num_train': 12, 'demo.num_test_good': 3, 'demo.num_test_per_defect': 2,
+      'train.num_workers': 0, 'train.num_steps': num_steps, 'train.log_every': num_steps // 2,
+      'train.checkpoint_every': num_steps // 2, 'eval.batch_size': 8, 'eval.num_examples': 1,
+      **extra,
+  })
+  config_validation.validate(config)
+  return config
+
+
+square_finder = _registered(_SquareFinder())
 
 
 def test_a_new_method_plugs_in_by_registering_it(square_finder, tmp_path):
-  config = demo.get_config()
-  config.update_from_flattened_dict({
-      'method': 'square_finder', 'cache_dir': str(tmp_path / 'cache'), 'image_size': 32,
-      'demo.num_train': 12, 'demo.num_test_good': 3, 'demo.num_test_per_defect': 2,
-      'train.num_workers': 0, 'train.num_steps': 6, 'train.log_every': 3,
-      'train.checkpoint_every': 3, 'eval.batch_size': 8, 'eval.num_examples': 1,
-  })
-  config_validation.validate(config)
+  config = _tiny_config('square_finder', tmp_path, 6)
   assert train.stages_to_train(config) == (1,)
   workdir = str(tmp_path / 'run')
   state = train.train(config, workdir, 1)
@@ -156,24 +169,13 @@ class _ThreeStageSquares(_SquareFinder):
     return maps
 
 
-@pytest.fixture
-def three_squares():
-  methods.register(_ThreeStageSquares())
-  yield
-  methods.unregister('three_squares')
+three_squares = _registered(_ThreeStageSquares())
 
 
 def test_a_three_stage_method_trains_evaluates_and_exports_without_shared_edits(
     three_squares, tmp_path):
-  config = demo.get_config()
-  config.update_from_flattened_dict({
-      'method': 'three_squares', 'cache_dir': str(tmp_path / 'cache'), 'image_size': 32,
-      'demo.num_train': 12, 'demo.num_test_good': 3, 'demo.num_test_per_defect': 2,
-      'train.num_workers': 0, 'train.num_steps': 4, 'train.log_every': 2,
-      'train.checkpoint_every': 2, 'eval.batch_size': 8, 'eval.num_examples': 1,
-      'train.tensorboard': False, 'export.platforms': ('cpu',),
-  })
-  config_validation.validate(config)
+  config = _tiny_config('three_squares', tmp_path, 4, **{
+      'train.tensorboard': False, 'export.platforms': ('cpu',)})
   assert train.stages_to_train(config) == (1, 2, 3)
   workdir = str(tmp_path / 'run')
   for stage in (1, 2, 3):

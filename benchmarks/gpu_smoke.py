@@ -71,7 +71,8 @@ def main(_):
       'image': rng.random((batch_size, size, size, 3), dtype=np.float32),
       'mask': (rng.random((batch_size, size, size)) < 0.1).astype(np.float32)},
       parallel.batch_sharded(mesh))
-  state = jax.device_put(train_state.create_train_state(config, train_state.prng_key(0)),
+  state = jax.device_put(train_state.create_train_state(methods.get(config.method), config,
+                                                        train_state.prng_key(0)),
                          parallel.replicated(mesh))
   objective = methods.get(config.method).objective(config, 1)
   step = parallel.data_parallel(functools.partial(train_step.train_step, objective=objective),

@@ -48,13 +48,13 @@ def main(_):
   size = config.image_size
   images = np.random.default_rng(0).integers(0, 256, (FLAGS.images, size, size, 3), np.uint8)
   mesh = parallel.make_mesh()
+  method = methods.get(config.method)
   variables = [
       parallel.to_host(train_state.variables_of(jax.device_put(
-          train_state.create_train_state(config, train_state.prng_key(seed)),
+          train_state.create_train_state(method, config, train_state.prng_key(seed)),
           parallel.replicated(mesh))))
       for seed in (0, 1)]
-  model = engine.TrainedModel(config.method, tuple(variables), (1, 1),
-                                 methods.get(config.method).final_map(config, (1, 2)))
+  model = engine.TrainedModel(method, tuple(variables), (1, 1), method.final_map(config, (1, 2)))
   batch_size = config.eval.batch_size
   warm_up_s, _ = _timed(engine.anomaly_maps, config, model, images[:batch_size])
 
@@ -63,7 +63,7 @@ def main(_):
 
   host_config = config.copy_and_resolve_references()
   host_config.refine.superpixels = 'host'
-  infer = parallel.per_shard(engine.maps_and_scores_fn(host_config, model.trained), mesh)
+  infer = engine.compiled_maps_and_scores(method, host_config, model.trained, mesh)
   device_variables = jax.device_put(model.variables, parallel.replicated(mesh))
   batches = [jax.device_put({'image': images[i:i + batch_size], 'labels': labels[i:i + batch_size]},
                             parallel.batch_sharded(mesh))

@@ -164,7 +164,8 @@ def jax_runners(config: ml_collections.ConfigDict, model: nn.Module,
   """The JAX train step as the trainer runs it, and optionally its parts."""
   mesh = parallel.make_mesh()
   batch = jax.device_put(batch_np, parallel.batch_sharded(mesh))
-  state = train_state.create_train_state(config, train_state.prng_key(0)).replace(
+  state = train_state.create_train_state(methods.get(config.method), config,
+                                         train_state.prng_key(0)).replace(
       apply_fn=model.apply)
   state = jax.device_put(state, parallel.replicated(mesh))
   objective = methods.get(config.method).objective(config, 1)

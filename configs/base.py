@@ -8,8 +8,11 @@ A method's config starts from `get_config()` and adds the sections of its own
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """The shared sections; `method` and the method's own sections are the caller's."""
+def get_config(num_stages: int) -> ml_collections.ConfigDict:
+  """The shared sections of a method of `num_stages` stages.
+
+  `method` and the method's own sections are the caller's.
+  """
   config = ml_collections.ConfigDict()
   config.method = ''  # set by the method's config
   config.seed = 0
@@ -77,8 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Gaussian smoothing (sigma in pixels at image_size) of every reported
   # map; 0, the papers' choice, reports the networks' maps as they are.
   config.eval.map_sigma = 0.0
-  config.eval.stage1_step = -1  # checkpoint steps to evaluate; -1 = latest
-  config.eval.stage2_step = -1
+  # eval.stage<n>_step: the checkpoint step of each stage to evaluate; -1 =
+  # the newest (for an earlier stage: the one the later stage was trained on).
+  for stage in range(1, num_stages + 1):
+    config.eval[f'stage{stage}_step'] = -1
   config.eval.num_examples = 6  # worst and best test images drawn in the report
 
   # Decision thresholds for --mode=predict, fixed after training from normal

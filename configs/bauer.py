@@ -34,7 +34,7 @@ _CATEGORY_AUGMENT = {
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base.get_config()
+  config = base.get_config(num_stages=1)
   config.method = 'bauer'
   config.stage = '1'  # a single network
   config.category = 'grid'

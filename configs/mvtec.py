@@ -12,7 +12,7 @@ from configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base.get_config()
+  config = base.get_config(num_stages=2)
   # 'two_stage' (this recipe), 'bauer', 'anoseg' or 'utad' (configs/bauer.py,
   # configs/anoseg.py, configs/utad.py).
   config.method = 'two_stage'

@@ -124,7 +124,8 @@ def assert_changed_unlike(start: dict, wrong: dict, want: dict,
 
 
 def initial_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation | None):
-  state = train_state.create_train_state(config, train_state.prng_key(0))
+  state = train_state.create_train_state(methods.get(config.method), config,
+                                         train_state.prng_key(0))
   if tx is not None:
     state = state.replace(tx=tx, opt_state=tx.init(state.params))
   return state

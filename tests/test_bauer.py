@@ -50,8 +50,8 @@ def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('bauer'))
   config = tiny_config(**{'loss.objective': 1})
   config_validation.validate(config)
-  assert train.stages_to_train(config) == (1,)
-  train.train(config, workdir, 1)
+  assert train.stages_to_train(methods.get(config.method), config) == (1,)
+  train.train(methods.get(config.method), config, workdir, 1)
   return config, workdir, evaluate.evaluate(config, workdir)
 
 

@@ -11,6 +11,7 @@ from configs import demo
 from configs import mvtec
 from configs import mvtec_cpu
 from twostage_jax import config_validation
+from twostage_jax import methods
 from twostage_jax.methods.two_stage import method as two_stage
 from twostage_jax.runtime import parallel
 from twostage_jax.training import schedules
@@ -148,7 +149,7 @@ def test_stage_2_has_its_own_number_of_steps_and_learning_rate_schedule():
   params = {'w': jnp.ones(3)}
 
   def update_at(stage, count):
-    tx = train_state.abstract_train_state(config, mesh, stage).tx
+    tx = train_state.abstract_train_state(methods.get(config.method), config, mesh, stage).tx
     state = optax.tree_utils.tree_set(tx.init(params), count=jnp.asarray(count, jnp.int32))
     return float(tx.update({'w': jnp.ones(3)}, state, params)[0]['w'][0])
 

@@ -133,9 +133,9 @@ square_finder = _registered(_SquareFinder())
 
 def test_a_new_method_plugs_in_by_registering_it(square_finder, tmp_path):
   config = _tiny_config('square_finder', tmp_path, 6)
-  assert train.stages_to_train(config) == (1,)
+  assert train.stages_to_train(methods.get(config.method), config) == (1,)
   workdir = str(tmp_path / 'run')
-  state = train.train(config, workdir, 1)
+  state = train.train(methods.get(config.method), config, workdir, 1)
   assert int(state.step) == 6
   results = evaluate.evaluate(config, workdir)
   assert results['final_map'] == 'squares' and list(results['rows']) == ['squares']
@@ -176,14 +176,19 @@ def test_a_three_stage_method_trains_evaluates_and_exports_without_shared_edits(
     three_squares, tmp_path):
   config = _tiny_config('three_squares', tmp_path, 4, **{
       'train.tensorboard': False, 'export.platforms': ('cpu',)})
-  assert train.stages_to_train(config) == (1, 2, 3)
+  assert train.stages_to_train(methods.get(config.method), config) == (1, 2, 3)
   workdir = str(tmp_path / 'run')
   for stage in (1, 2, 3):
-    assert int(train.train(config, workdir, stage).step) == 4
+    assert int(train.train(methods.get(config.method), config, workdir, stage).step) == 4
   results = evaluate.evaluate(config, workdir)
   assert list(results['rows']) == ['stage 1', 'stage 2', 'stage 3', 'mean']
   assert results['final_map'] == 'mean'
   assert (results['stage1_step'], results['stage2_step'], results['stage3_step']) == (4, 4, 4)
+  with open(os.path.join(workdir, 'eval', 'report.md'), encoding='utf-8') as f:
+    assert '| stage-1 step | stage-2 step | stage-3 step |' in f.read()
+  earlier = config.copy_and_resolve_references()
+  earlier.eval.stage3_step = 2  # a stage the shared config does not name, chosen by step
+  assert engine.load_model(earlier, workdir).stage_steps == (4, 4, 2)
   images = data.category_test_set(config).images
   expected = engine.anomaly_maps(config, engine.load_model(config, workdir), images)['mean']
   folder = detector.export(config, workdir)

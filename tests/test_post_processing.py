@@ -16,6 +16,7 @@ import scipy.ndimage
 from configs import mvtec_cpu
 from twostage_jax import data
 from twostage_jax import losses
+from twostage_jax import methods
 from twostage_jax.evaluation import baselines
 from twostage_jax.evaluation import metrics
 from twostage_jax.evaluation import report
@@ -41,7 +42,7 @@ def central_masks(count: int, size: int, seed: int) -> np.ndarray:
 
 def two_stage_model() -> engine.TrainedModel:
   """A trained two-stage model's description; the baseline rows run none of its networks."""
-  return engine.TrainedModel('two_stage', (None, None), (1, 1), 'combined')
+  return engine.TrainedModel(methods.get('two_stage'), (None, None), (1, 1), 'combined')
 
 
 def zero_padded(maps: np.ndarray, sigma: float) -> np.ndarray:

@@ -1,5 +1,6 @@
 """A workdir runs with the config it was trained with; overrides are checked."""
 
+import fnmatch
 import json
 import logging
 import os
@@ -179,17 +180,9 @@ def test_a_workdir_without_config_or_checkpoints_is_new(tmp_path):
 def test_per_run_keys_are_keys_of_the_configs_and_cover_their_subkeys():
   configs = [command_line(name)[0] for name in ('mvtec.py', 'anoseg.py', 'utad.py')]
   method_keys = tuple(key for name in methods.names() for key in methods.get(name).per_run_keys)
+  names = {key for config in configs for key in _dotted_keys(config.to_dict())}
   for key in run_config.PER_RUN_KEYS + method_keys:
-    found = False
-    for config in configs:
-      node = config
-      for part in key.split('.'):
-        if part not in node:
-          break
-        node = node[part]
-      else:
-        found = True
-    assert found, f'{key} is a key of no config'
+    assert fnmatch.filter(names, key), f'{key} is a key of no config'
   assert run_config.is_per_run('distributed.coordinator_address')
   assert not run_config.is_per_run('refine.superpixels')
   assert run_config.is_per_run('refine.superpixels', methods.get('two_stage').per_run_keys)
@@ -197,6 +190,18 @@ def test_per_run_keys_are_keys_of_the_configs_and_cover_their_subkeys():
   assert not run_config.is_per_run('train.num_steps')
   assert not run_config.is_per_run('eval')
   assert not run_config.is_per_run('predict_dir_extra')
+  assert run_config.is_per_run('eval.stage3_step')  # every stage's, however many
+  assert not run_config.is_per_run('eval.stage3_steps')
+
+
+def _dotted_keys(tree: dict, prefix: str = '') -> set[str]:
+  """Every key of a nested dict, sections included, as 'section.key'."""
+  keys = set()
+  for name, value in tree.items():
+    keys.add(prefix + name)
+    if isinstance(value, dict):
+      keys |= _dotted_keys(value, f'{prefix}{name}.')
+  return keys
 
 
 def test_stage_two_may_follow_a_workdir_whose_stage_one_was_trained_alone(tmp_path):

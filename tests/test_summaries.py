@@ -11,6 +11,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 from twostage_jax import data
+from twostage_jax import methods
 from twostage_jax.runtime import parallel
 from twostage_jax.training import summaries
 from tiny_runs import two_stage_config  # tests/tiny_runs.py
@@ -81,8 +82,8 @@ def test_first_samples_at_step_0_and_held_out_maps_at_each_checkpoint(run):
 def test_switched_off_it_writes_no_event_file(tmp_path):
   config = two_stage_config(**{'train.tensorboard': False})
   size = config.image_size
-  writer = summaries.Writer(str(tmp_path), config, 1, 0, np.zeros((4, size, size, 3), np.uint8),
-                            parallel.make_mesh())
+  writer = summaries.Writer(methods.get('two_stage'), str(tmp_path), config, 1, 0,
+                            np.zeros((4, size, size, 3), np.uint8), parallel.make_mesh())
   writer.samples({'image': jnp.zeros((8, size, size, 3)), 'mask': jnp.zeros((8, size, size))})
   writer.scalars(1, {'stage': 1, 'step': 1, 'loss': 0.5})
   writer.checkpoint(2, ())

@@ -45,7 +45,8 @@ def main_command(workdir, values):
 
 
 def final_params(config, workdir, stage):
-  state, step = train_state.restore_state(config, str(workdir), stage, parallel.make_mesh())
+  state, step = train_state.restore_state(methods.get(config.method), config, str(workdir),
+                                          stage, parallel.make_mesh())
   return jax.tree.leaves(jax.device_get(train_state.variables_of(state))), step
 
 
@@ -152,7 +153,7 @@ def test_main_trains_checkpoints_and_evaluates_in_two_processes(tmp_path):
   values = overrides(**{'train.num_steps': 2, 'train.log_every': 1,
                         'train.tensorboard_images': 0})
   reference = tmp_path / 'single'
-  train.train(make_config(values), str(reference), 1)
+  train.train(methods.get('two_stage'), make_config(values), str(reference), 1)
   expected = logged_losses(reference)
   assert abs(expected[2] - expected[1]) > 3 * float32_tolerance.RELATIVE_TO_SCALE * expected[1]
 
@@ -181,7 +182,7 @@ def test_train_then_evaluate_from_the_checkpoint(tmp_path):
   values = overrides(**{'train.num_steps': 4, 'train.checkpoint_every': 2,
                                    'train.keep_checkpoints': 1})
   config = make_config(values)
-  state = train.train(config, str(tmp_path), 1)
+  state = train.train(methods.get(config.method), config, str(tmp_path), 1)
   assert int(state.step) == 4
   lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in lines] == [1, 2, 4]
@@ -191,7 +192,7 @@ def test_train_then_evaluate_from_the_checkpoint(tmp_path):
   assert os.listdir(tmp_path / 'checkpoints' / 'stage1') == ['4']  # keeps 1
 
   model = engine.TrainedModel(
-      'two_stage', (jax.device_get(train_state.variables_of(state)),), (4,), 'stage 1')
+      methods.get('two_stage'), (jax.device_get(train_state.variables_of(state)),), (4,), 'stage 1')
   after_training = evaluate.evaluate(config, str(tmp_path), model)
   from_checkpoint = evaluate.evaluate(config, str(tmp_path))
   assert from_checkpoint == after_training
@@ -201,7 +202,7 @@ def test_train_then_evaluate_from_the_checkpoint(tmp_path):
   assert written == from_checkpoint
 
   # Running the finished command again resumes at the end and trains no more.
-  again = train.train(config, str(tmp_path), 1)
+  again = train.train(methods.get(config.method), config, str(tmp_path), 1)
   np.testing.assert_array_equal(jax.tree.leaves(jax.device_get(again.params))[0],
                                 jax.tree.leaves(jax.device_get(state.params))[0])
 
@@ -212,7 +213,8 @@ def test_evaluate_without_checkpoint_names_the_folder(tmp_path):
     evaluate.evaluate(config, str(tmp_path))
   config.eval.stage1_step = 7
   # 4 steps, as test_train_then_evaluate_from_the_checkpoint trains: the same compiled step.
-  train.train(make_config(overrides(**{'train.num_steps': 4, 'train.checkpoint_every': 4})),
+  train.train(methods.get('two_stage'),
+              make_config(overrides(**{'train.num_steps': 4, 'train.checkpoint_every': 4})),
               str(tmp_path), 1)
   with pytest.raises(FileNotFoundError, match=r'no checkpoint for step 7 .*available steps: \[4\]'):
     evaluate.evaluate(config, str(tmp_path))
@@ -221,7 +223,7 @@ def test_evaluate_without_checkpoint_names_the_folder(tmp_path):
 def test_unknown_demo_category_is_a_clear_error(tmp_path):
   config = make_config(overrides(category='bottle'))
   with pytest.raises(ValueError, match="category 'bottle' is not in the built-in demo"):
-    train.train(config, str(tmp_path), 1)
+    train.train(methods.get(config.method), config, str(tmp_path), 1)
 
 
 def test_compute_dtype_auto_is_float32_on_cpu_and_can_be_set():
@@ -253,7 +255,8 @@ def test_bfloat16_training_keeps_float32_state_and_learns(method):
   masks = (rng.random((8, 16, 16)) < 0.2).astype(np.float32)
   batch = {'image': images, 'mask': masks, 'target': images * (1 - masks[..., None])}
   mesh = parallel.make_mesh()
-  state = jax.device_put(train_state.create_train_state(config, train_state.prng_key(0)),
+  state = jax.device_put(train_state.create_train_state(methods.get(config.method), config,
+                                                        train_state.prng_key(0)),
                          parallel.replicated(mesh))
   objective = methods.get(config.method).objective(config, 1)
   step = parallel.data_parallel(

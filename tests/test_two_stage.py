@@ -46,9 +46,9 @@ def test_both_stages_train_on_l2_plus_ssim_with_their_own_checkpoints(two_stage_
 def test_stage2_alone_needs_stage1_and_names_the_workdir(two_stage_run, tmp_path):
   config = two_stage_run[0].copy_and_resolve_references()
   config.stage = '2'
-  assert train.stages_to_train(config) == (2,)
+  assert train.stages_to_train(methods.get(config.method), config) == (2,)
   with pytest.raises(FileNotFoundError, match=f'no stage-1 checkpoint .*workdir {tmp_path}'):
-    train.train(config, str(tmp_path), 2)
+    train.train(methods.get(config.method), config, str(tmp_path), 2)
 
 
 def test_evaluation_reports_three_rows_and_writes_the_report(two_stage_run):

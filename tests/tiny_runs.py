@@ -11,6 +11,7 @@ import ml_collections
 import pytest
 
 from configs import demo
+from twostage_jax import methods
 from twostage_jax.evaluation import evaluate
 from twostage_jax.training import train
 
@@ -54,5 +55,5 @@ def two_stage_run(tmp_path_factory):
   config = two_stage_config()
   workdir = str(tmp_path_factory.mktemp('two_stage_run'))
   for stage in (1, 2):
-    train.train(config, workdir, stage)
+    train.train(methods.get(config.method), config, workdir, stage)
   return config, workdir, evaluate.evaluate(config, workdir)

@@ -63,8 +63,9 @@ def run_category(config: ml_collections.ConfigDict, workdir: str, mode: str) -> 
     data.check_test_split(config)  # before hours of training, not after
     if jax.process_index() == 0:
       run_config.save(config, workdir)
-    for stage in train.stages_to_train(config):
-      train.train(config, workdir, stage)
+    method = methods.get(config.method)
+    for stage in train.stages_to_train(method, config):
+      train.train(method, config, workdir, stage)
   return evaluate.evaluate(config, workdir, engine.load_model(config, workdir))
 
 

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from twostage_jax import methods
 from twostage_jax.evaluation.report import BASELINE
 from twostage_jax.evaluation.report import POSITION_ONLY
 from twostage_jax.inference import engine
@@ -33,7 +32,7 @@ def constant_maps(config: ml_collections.ConfigDict, model: engine.TrainedModel,
   the method combines them, and the final map is smoothed and scored as
   a network's would be. All images get the same map: no network runs.
   """
-  method = methods.get(config.method)
+  method = model.method
   size = config.image_size
   names = method.map_names(config, model.trained)
 

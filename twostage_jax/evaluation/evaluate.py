@@ -18,7 +18,6 @@ import numpy as np
 from absl import logging
 
 from twostage_jax import data
-from twostage_jax import methods
 from twostage_jax.evaluation import baselines
 from twostage_jax.evaluation import metrics
 from twostage_jax.evaluation import report
@@ -130,7 +129,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       'flagged': report.flagged_rows(rows, references),
       'thresholds': thresholds,
   }
-  results.update(methods.get(config.method).extra_results(
+  results.update(model.method.extra_results(
       config, maps[final], test, held_out_maps))
   if jax.process_index() == 0:
     out_dir = paths.eval_dir(workdir)

@@ -6,6 +6,7 @@ objects directly (no pyplot), so nothing depends on a display or global state.
 """
 
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -193,9 +194,11 @@ def markdown_report(results: Sequence[dict[str, Any]], title: str,
                    f'{FLOOR} or not above the position-only row:'), '']
     lines += [f'- {flag}' for flag in flags]
   lines += ['', '## Checkpoints and test set', '']
+  stages = sorted({int(match[1]) for r in results for key in r
+                   if (match := re.fullmatch(r'stage(\d+)_step', key))})
   lines += _markdown_table(
-      ['category', 'stage-1 step', 'stage-2 step', 'test images', 'anomalous'],
-      [(r['category'], _step(r.get('stage1_step')), _step(r.get('stage2_step')),
+      ['category', *(f'stage-{stage} step' for stage in stages), 'test images', 'anomalous'],
+      [(r['category'], *(_step(r.get(f'stage{stage}_step')) for stage in stages),
         r['num_images'], r['num_anomalous']) for r in results], right_from=1)
   with_thresholds = [r for r in results if r.get('thresholds')]
   if with_thresholds:

@@ -24,7 +24,6 @@ import numpy as np
 from absl import logging
 
 from twostage_jax import data
-from twostage_jax import methods
 from twostage_jax.inference import engine
 from twostage_jax.workdir import atomic_write
 from twostage_jax.workdir import paths
@@ -68,7 +67,7 @@ def _computed_for(config: ml_collections.ConfigDict,
   return {
       **model.steps,
       'map': model.final_map,
-      'method': config.method,
+      'method': model.method.name,
       'image_size': config.image_size,
       'seed': config.seed,  # with the fraction, picks the held-out images
       'holdout_fraction': config.calibration.holdout_fraction,
@@ -78,7 +77,7 @@ def _computed_for(config: ml_collections.ConfigDict,
       'score_rule': config.eval.score_rule,
       'score_filter_size': config.eval.score_filter_size,
       **{section: config[section].to_dict()
-         for section in methods.get(config.method).inference_sections},
+         for section in model.method.inference_sections},
   }
 
 

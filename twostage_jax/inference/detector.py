@@ -27,9 +27,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from twostage_jax import methods
 from twostage_jax.inference import calibration
 from twostage_jax.inference import engine
+from twostage_jax.runtime import parallel
 from twostage_jax.workdir import atomic_write
 from twostage_jax.workdir import paths
 from twostage_jax.workdir import run_config
@@ -50,7 +50,7 @@ def _detector_of_variables(pure_config: ml_collections.ConfigDict, model: engine
   method computes on the host for evaluation (the two-stage model's SLIC
   labels) runs on the device here.
   """
-  maps_and_scores = engine.maps_and_scores_fn(pure_config, model.trained)
+  maps_and_scores = engine.maps_and_scores_fn(model.method, pure_config, model.trained)
   final = model.final_map
 
   def detect(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -66,7 +66,7 @@ def detector_fn(config: ml_collections.ConfigDict, model: engine.TrainedModel) -
   The trained variables are inside it, as constants, which is what an
   export holds.
   """
-  pure_config = methods.get(config.method).pure_config(config)
+  pure_config = model.method.pure_config(config)
   return functools.partial(_detector_of_variables(pure_config, model), model.variables)
 
 
@@ -86,18 +86,18 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   package version. The thresholds are calibrated on the maps it computes,
   with the method's device-side steps (`Method.pure_config`).
   """
-  config = methods.get(config.method).pure_config(config)
   model = engine.load_model(config, workdir)
+  config = model.method.pure_config(config)
   thresholds = calibration.ensure_thresholds(config, workdir, model)
   size = config.image_size
   batch, = jax.export.symbolic_shape('batch')
-  detect = functools.partial(_detector_of_variables(config, model), model.variables)
+  detect = detector_fn(config, model)
   exported = jax.export.export(jax.jit(detect),
                                platforms=tuple(config.export.platforms))(
                                    jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8))
   info = {
       'input_size': size,
-      'method': config.method,
+      'method': model.method.name,
       'map': model.final_map,
       'thresholds': {'image': thresholds['image'], 'pixel': thresholds['pixel'],
                      'image_quantile': config.calibration.image_quantile,
@@ -159,8 +159,14 @@ class Prediction:
 class Detector:
   """A trained detector: maps, scores and decisions for images of any size."""
 
-  def __init__(self, detect: DetectFn, info: dict[str, Any]):
-    """Use `Detector.load`. `info` is the export's JSON (input size, thresholds, ...)."""
+  def __init__(self, detect: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+               info: dict[str, Any]):
+    """Use `Detector.load`.
+
+    Args:
+      detect: uint8 (N, S, S, 3) images -> float32 (N, S, S) final maps and (N,) scores.
+      info: the export's JSON (input size, thresholds, ...).
+    """
     self._detect = detect
     self.info = info
 
@@ -190,20 +196,27 @@ class Detector:
   def from_run(cls, config: ml_collections.ConfigDict, workdir: str) -> 'Detector':
     """The detector of `workdir`'s checkpoints under `config` (the run's, with overrides).
 
-    Its thresholds are calibrated on the maps it computes, with the method's
-    device-side steps (`Method.pure_config`).
+    Its maps are the engine's (`engine.maps_and_scores`) with the method's
+    device-side steps (`Method.pure_config`), and its thresholds are
+    calibrated on them.
     """
-    config = methods.get(config.method).pure_config(config)
     model = engine.load_model(config, workdir)
+    config = model.method.pure_config(config)
     thresholds = calibration.ensure_thresholds(config, workdir, model)
     info = {
-        'input_size': config.image_size, 'method': config.method, 'map': model.final_map,
+        'input_size': config.image_size, 'method': model.method.name, 'map': model.final_map,
         'thresholds': {'image': thresholds['image'], 'pixel': thresholds['pixel']},
         'steps': model.steps, _BATCH_SIZE_KEY: config.eval.batch_size,
     }
-    # The variables are arguments here, not constants compiled into the program.
-    detect = jax.jit(_detector_of_variables(config, model))
-    return cls(functools.partial(detect, jax.device_put(model.variables)), info)
+    # Sent to the devices once, not at every call.
+    model = dataclasses.replace(model, variables=jax.device_put(
+        model.variables, parallel.replicated(engine.local_mesh())))
+
+    def detect(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+      maps, scores = engine.maps_and_scores(config, model, images)
+      return maps[model.final_map], scores[model.final_map]
+
+    return cls(detect, info)
 
   @classmethod
   def _from_export(cls, folder: str) -> 'Detector':
@@ -211,28 +224,16 @@ class Detector:
       exported = jax.export.deserialize(bytearray(f.read()))
     with open(os.path.join(folder, INFO_FILE), encoding='utf-8') as f:
       info = json.load(f)
-    return cls(exported.call, info)
+    return cls(functools.partial(_in_fixed_batches, exported.call, info[_BATCH_SIZE_KEY]),
+               info)
 
   def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 maps (N, S, S) and scores (N,) of uint8 images (N, S, S, 3) at the input size.
-
-    Calls see a fixed batch size (the last batch padded), so the function
-    compiles once.
-    """
+    """float32 maps (N, S, S) and scores (N,) of uint8 images (N, S, S, 3) at the input size."""
     size = self.info['input_size']
     if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
       raise ValueError(f'images must be uint8 (N, {size}, {size}, 3), got '
                        f'{images.dtype} {images.shape}')
-    batch = self.info[_BATCH_SIZE_KEY]
-    maps, scores = [], []
-    for start in range(0, len(images), batch):
-      chunk = images[start:start + batch]
-      padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:],
-                                               np.uint8)])
-      chunk_maps, chunk_scores = self._detect(padded)
-      maps.append(np.asarray(chunk_maps)[:len(chunk)])
-      scores.append(np.asarray(chunk_scores)[:len(chunk)])
-    return np.concatenate(maps), np.concatenate(scores)
+    return self._detect(images)
 
   def predict(self, images: Sequence[np.ndarray] | np.ndarray) -> Prediction:
     """Maps at each image's own size, scores and decisions at the stored thresholds.
@@ -248,3 +249,16 @@ class Detector:
     sized = [resize_map(m, *np.asarray(image).shape[:2]) for m, image in zip(maps, images)]
     return Prediction(maps=sized, scores=scores, anomalous=scores >= thresholds['image'],
                       masks=[m >= thresholds['pixel'] for m in sized])
+
+
+def _in_fixed_batches(call: DetectFn, batch: int, images: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """`call` on `images` in batches of `batch` (the last padded), so it compiles once."""
+  maps, scores = [], []
+  for start in range(0, len(images), batch):
+    chunk = images[start:start + batch]
+    padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], np.uint8)])
+    chunk_maps, chunk_scores = call(padded)
+    maps.append(np.asarray(chunk_maps)[:len(chunk)])
+    scores.append(np.asarray(chunk_scores)[:len(chunk)])
+  return np.concatenate(maps), np.concatenate(scores)

@@ -19,6 +19,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from twostage_jax import methods
+from twostage_jax.methods import base
 from twostage_jax.runtime import parallel
 from twostage_jax.runtime import xla_options
 from twostage_jax.runtime.parallel import DATA_AXIS
@@ -32,10 +33,11 @@ Variables = train_state.Variables
 class TrainedModel:
   """Host copies of the trained variables of stages 1..n of a method, and their steps.
 
-  `final_map` names the map decisions are made on (`Method.final_map`).
+  `method` is the plug-in they belong to, resolved once when the model is
+  loaded; `final_map` names the map decisions are made on (`Method.final_map`).
   """
 
-  method: str
+  method: base.Method
   variables: tuple[Variables, ...]
   stage_steps: tuple[int, ...]
   final_map: str
@@ -50,7 +52,7 @@ class TrainedModel:
     """'stage<n>_step' of every stage of the method; None for an untrained one."""
     return {f'stage{stage}_step': (self.stage_steps[stage - 1]
                                    if stage <= len(self.stage_steps) else None)
-            for stage in methods.get(self.method).stages}
+            for stage in self.method.stages}
 
 
 def _stage_step(config: ml_collections.ConfigDict, workdir: str, stage: int,
@@ -105,12 +107,12 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> TrainedModel:
   last = trained[-1] if trained else 1  # restoring stage 1 names the missing folder
   variables, steps, recorded = {}, {}, {}
   for stage in range(last, 0, -1):
-    state, step = train_state.restore_state(config, workdir, stage, mesh,
+    state, step = train_state.restore_state(method, config, workdir, stage, mesh,
                                             _stage_step(config, workdir, stage, recorded))
     variables[stage], steps[stage] = parallel.to_host(train_state.variables_of(state)), step
     recorded.update(train_state.provenance(config, workdir, stage, step))
   stages = tuple(sorted(variables))
-  return TrainedModel(config.method, tuple(variables[s] for s in stages),
+  return TrainedModel(method, tuple(variables[s] for s in stages),
                       tuple(steps[s] for s in stages), method.final_map(config, stages))
 
 
@@ -168,15 +170,18 @@ def score_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Arr
   return functools.partial(mean_filter_max, size=config.eval.score_filter_size)
 
 
-def maps_and_scores_fn(config: ml_collections.ConfigDict, trained: tuple[int, ...]):
+def maps_and_scores_fn(method: base.Method, config: ml_collections.ConfigDict,
+                       trained: tuple[int, ...]):
   """Pure (variables, batch) -> ({map name: (B, H, W)}, {map name: (B,)}) for uint8 images.
 
   Every reported map is smoothed by `eval.map_sigma`; a method's own steps
   (the two-stage refinement) read its raw maps, as in training. A map's
   image score is the method's own (`Method.scores_fn`) where it gives one,
-  else `eval.score_rule` of the smoothed map.
+  else `eval.score_rule` of the smoothed map. This is what every map and
+  score reported anywhere comes from: `compiled_maps_and_scores` compiles it
+  for evaluation, calibration, the detector and TensorBoard, and the export
+  lowers it.
   """
-  method = methods.get(config.method)
   method_maps = method.maps_fn(config, trained)
   method_scores = method.scores_fn(config, trained)
   rule = score_fn(config)
@@ -191,12 +196,25 @@ def maps_and_scores_fn(config: ml_collections.ConfigDict, trained: tuple[int, ..
   return maps_and_scores
 
 
+def compiled_maps_and_scores(method: base.Method, config: ml_collections.ConfigDict,
+                             trained: tuple[int, ...], mesh: Mesh):
+  """`maps_and_scores_fn` compiled per device of `mesh`: replicated variables, split batch.
+
+  Kept per (method, config, stages, mesh), so later calls reuse the compilation.
+  """
+  return _compiled(method, config.to_json(), trained, mesh)
+
+
 @functools.lru_cache(maxsize=8)
-def _compiled_fn(config_json: str, trained: tuple[int, ...], mesh: Mesh):
-  """maps_and_scores_fn mapped over `mesh`, kept so that later calls reuse its compilation."""
+def _compiled(method: base.Method, config_json: str, trained: tuple[int, ...], mesh: Mesh):
   config = ml_collections.ConfigDict(json.loads(config_json))
-  return parallel.per_shard(maps_and_scores_fn(config, trained), mesh,
+  return parallel.per_shard(maps_and_scores_fn(method, config, trained), mesh,
                             xla_options.compiler_options(config))
+
+
+def local_mesh() -> Mesh:
+  """A one-axis mesh over this process's devices, which inference splits images over."""
+  return Mesh(np.array(jax.local_devices()), (DATA_AXIS,))
 
 
 def maps_and_scores(config: ml_collections.ConfigDict, model: TrainedModel,
@@ -206,15 +224,16 @@ def maps_and_scores(config: ml_collections.ConfigDict, model: TrainedModel,
   The names and their order are the method's (the two-stage model: 'stage
   1', and with a trained stage 2 also 'stage 2' and 'combined'). Batches of
   `eval.batch_size` (rounded up to a multiple of the local devices) are split
-  over this process's devices; the last one is padded. Host inputs of later
-  batches are computed while the device maps earlier ones.
+  over this process's devices (`local_mesh`; variables already placed there
+  stay); the last one is padded. Host inputs of later batches are computed
+  while the device maps earlier ones.
   """
-  mesh = Mesh(np.array(jax.local_devices()), (DATA_AXIS,))
+  mesh = local_mesh()
   devices = mesh.devices.size
   batch_size = -(-config.eval.batch_size // devices) * devices
-  infer = _compiled_fn(config.to_json(), model.trained, mesh)
+  infer = compiled_maps_and_scores(model.method, config, model.trained, mesh)
   variables = jax.device_put(model.variables, parallel.replicated(mesh))
-  host_inputs = methods.get(config.method).host_inputs(
+  host_inputs = model.method.host_inputs(
       config, model.trained, images, batch_size, config.train.num_workers)
   map_parts, score_parts = [], []
   for start, extra in zip(range(0, len(images), batch_size), host_inputs):
@@ -225,7 +244,7 @@ def maps_and_scores(config: ml_collections.ConfigDict, model: TrainedModel,
     maps, scores = infer(variables, jax.device_put(batch, parallel.batch_sharded(mesh)))
     map_parts.append({k: np.asarray(v)[:count] for k, v in maps.items()})
     score_parts.append({k: np.asarray(v)[:count] for k, v in scores.items()})
-  names = methods.get(config.method).map_names(config, model.trained)
+  names = model.method.map_names(config, model.trained)
   return ({k: np.concatenate([p[k] for p in map_parts]) for k in names},
           {k: np.concatenate([p[k] for p in score_parts]) for k in names})
 

@@ -30,11 +30,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorboardX
+from jax.experimental import multihost_utils
 
-from twostage_jax import methods
 from twostage_jax.inference import engine
+from twostage_jax.methods import base
 from twostage_jax.runtime import parallel
-from twostage_jax.runtime import xla_options
 from twostage_jax.training import train_state
 from twostage_jax.workdir import paths
 
@@ -71,35 +71,34 @@ def _normalised(maps: np.ndarray) -> np.ndarray:
 class HeldOutMaps:
   """The method's anomaly maps of a few held-out normal images at the current state.
 
-  The maps are those evaluation and the detector report (`engine.maps_and_scores_fn`:
-  the method's maps, then the smoothing). The images and their host inputs
-  (stage 2's SLIC labels) are prepared and sent to the devices once, and the
-  function compiles once; each call is then one forward pass of the few
-  images, replicated on every device (every process must call it: the
-  variables span all of them).
+  The maps are those evaluation and the detector report, from the same
+  compiled function (`engine.compiled_maps_and_scores`), with the images
+  split over the training mesh's devices. The images and their host inputs
+  (stage 2's SLIC labels) are prepared and sent to the devices once; every
+  process must call it, since the variables span all of them.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, stage: int, images: np.ndarray,
-               mesh: jax.sharding.Mesh):
-    method = methods.get(config.method)
+  def __init__(self, method: base.Method, config: ml_collections.ConfigDict, stage: int,
+               images: np.ndarray, mesh: jax.sharding.Mesh):
     trained = method.frozen_stages(stage) + (stage,)
-    batch = {'image': images,
-             **next(method.host_inputs(config, trained, images, len(images), 0))}
     self.images = images.astype(np.float32) / 255.0
-    sharding = parallel.replicated(mesh)
+    self._count = len(images)
+    padded_count = -(-len(images) // mesh.devices.size) * mesh.devices.size
+    images = np.concatenate(
+        [images, np.zeros((padded_count - len(images),) + images.shape[1:], images.dtype)])
+    batch = {'image': images,
+             **next(method.host_inputs(config, trained, images, padded_count, 0))}
+    sharding = parallel.batch_sharded(mesh)
     self._batch = {key: jax.make_array_from_callback(value.shape, sharding,
                                                      lambda index, v=value: v[index])
                    for key, value in batch.items()}
-    maps_and_scores = engine.maps_and_scores_fn(config, trained)
-    self._maps = jax.jit(lambda variables, batch: maps_and_scores(variables, batch)[0],
-                         out_shardings=sharding,
-                         compiler_options=xla_options.compiler_options(config) or None)
+    self._maps_and_scores = engine.compiled_maps_and_scores(method, config, trained, mesh)
 
   def __call__(self, variables: tuple[train_state.Variables, ...]) -> dict[str, np.ndarray]:
     """float32 (k, H, W) maps by name of the trained stages' `variables` (in stage order)."""
-    maps = self._maps(variables, self._batch)
-    return {name: np.asarray(value.addressable_data(0), np.float32)
-            for name, value in maps.items()}
+    maps, _ = self._maps_and_scores(variables, self._batch)
+    maps = multihost_utils.process_allgather(maps, tiled=True)
+    return {name: np.asarray(value, np.float32)[:self._count] for name, value in maps.items()}
 
 
 class Writer:
@@ -110,8 +109,8 @@ class Writer:
   since all of them hold the variables.
   """
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict, stage: int,
-               start_step: int, held_out: np.ndarray, mesh: jax.sharding.Mesh):
+  def __init__(self, method: base.Method, workdir: str, config: ml_collections.ConfigDict,
+               stage: int, start_step: int, held_out: np.ndarray, mesh: jax.sharding.Mesh):
     """Opens `log_dir(workdir, stage)`; `held_out` are uint8 normal images never trained on."""
     self._count = config.train.tensorboard_images if config.train.tensorboard else 0
     self._writer = None
@@ -124,7 +123,7 @@ class Writer:
           flush_secs=30)
     self._held_out = None
     if self._count and len(held_out):
-      self._held_out = HeldOutMaps(config, stage, held_out[:self._count], mesh)
+      self._held_out = HeldOutMaps(method, config, stage, held_out[:self._count], mesh)
 
   def scalars(self, step: int, record: Mapping[str, float]) -> None:
     """Writes the numbers of a metrics.jsonl `record` as train/<key>."""

@@ -1,6 +1,6 @@
 """The training loop: trains one stage of any method on every device, resumably.
 
-The method (`config.method`, methods/) gives the network, the objective, the
+The method (its plug-in, methods/) gives the network, the objective, the
 host sampler and, for stages built on earlier ones, the device-side turn of
 a batch that reads their frozen variables. Each stage keeps its own
 checkpoints under `<workdir>/checkpoints/stage<n>`; a stage built on earlier
@@ -16,7 +16,6 @@ import ml_collections
 from absl import logging
 
 from twostage_jax import data
-from twostage_jax import methods
 from twostage_jax.methods import base
 from twostage_jax.runtime import parallel
 from twostage_jax.runtime import pipeline
@@ -31,9 +30,10 @@ from twostage_jax.workdir import checkpoints as checkpoints_lib
 from twostage_jax.workdir import paths
 
 
-def stages_to_train(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """The stages `config.stage` asks for: 'both' (all of the method's, in order) or one."""
-  stages = methods.get(config.method).stages
+def stages_to_train(method: base.Method, config: ml_collections.ConfigDict
+                    ) -> tuple[int, ...]:
+  """The stages `config.stage` asks for: 'both' (all of `method`'s, in order) or one."""
+  stages = method.stages
   if config.stage == 'both':
     return stages
   if config.stage not in tuple(map(str, stages)):
@@ -42,14 +42,13 @@ def stages_to_train(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return (int(config.stage),)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
+def train(method: base.Method, config: ml_collections.ConfigDict, workdir: str,
           stage: int) -> Any:
-  """Trains `stage` on every device of every process; resumes from `workdir`.
+  """Trains `method`'s `stage` on every device of every process; resumes from `workdir`.
 
   A stage built on earlier ones (stage 2 of the two-stage model) uses their
   newest intact checkpoints in the same workdir.
   """
-  method = methods.get(config.method)
   if stage not in method.stages:
     raise ValueError(f'{method.name} trains stages {method.stages}, not {stage}')
   mesh = parallel.make_mesh()
@@ -63,7 +62,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   checkpoints = checkpoints_lib.Checkpoints(paths.stage_checkpoints(workdir, stage),
                                             config.train)
-  target = train_state.abstract_train_state(config, mesh, stage)
+  target = train_state.abstract_train_state(method, config, mesh, stage)
   restored = checkpoints.restore_latest(target)
   provenance = {}
   if restored is not None:
@@ -73,7 +72,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   else:
     start_step = 0
     key = jax.random.fold_in(train_state.prng_key(config.seed), stage)
-    state = jax.device_put(train_state.create_train_state(config, key, stage),
+    state = jax.device_put(train_state.create_train_state(method, config, key, stage),
                            parallel.replicated(mesh))
   num_steps = schedules.stage_steps(config, stage)
   if start_step >= num_steps:
@@ -98,7 +97,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   step_fn = parallel.data_parallel(method.train_step(config, stage), mesh,
                                    xla_options.compiler_options(config))
   step_key = jax.random.fold_in(train_state.prng_key(config.seed + 1), stage)
-  summary = summaries.Writer(workdir, config, stage, start_step, held_out, mesh)
+  summary = summaries.Writer(method, workdir, config, stage, start_step, held_out, mesh)
   log = progress.Progress(workdir, config, stage, start_step,
                           method.learning_rate(config, stage), summary)
 
@@ -141,7 +140,7 @@ def _frozen_stages(config: ml_collections.ConfigDict, workdir: str, method: base
   steps = {}
   for earlier in method.frozen_stages(stage):
     key = f'stage{earlier}_step'
-    state, step = train_state.restore_state(config, workdir, earlier, mesh,
+    state, step = train_state.restore_state(method, config, workdir, earlier, mesh,
                                             provenance.get(key, -1))
     logging.info('stage %d is built on the frozen stage %d of step %d', stage, earlier, step)
     frozen.append(train_state.variables_of(state))

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from twostage_jax import methods
+from twostage_jax.methods import base
 from twostage_jax.runtime import parallel
 from twostage_jax.training import network_state
 from twostage_jax.workdir import checkpoints as checkpoints_lib
@@ -29,20 +29,20 @@ def prng_key(seed: int) -> jax.Array:
   return jax.random.key(seed, impl='rbg')
 
 
-def create_train_state(config: ml_collections.ConfigDict, key: jax.Array,
-                       stage: int = 1) -> Any:
-  """Fresh state of `stage` of `config`'s method (`Method.create_state`)."""
-  return methods.get(config.method).create_state(config, key, stage)
+def create_train_state(method: base.Method, config: ml_collections.ConfigDict,
+                       key: jax.Array, stage: int = 1) -> Any:
+  """Fresh state of `stage` of `method` (`Method.create_state`)."""
+  return method.create_state(config, key, stage)
 
 
-def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                         stage: int = 1) -> Any:
+def abstract_train_state(method: base.Method, config: ml_collections.ConfigDict,
+                         mesh: jax.sharding.Mesh, stage: int = 1) -> Any:
   """Shapes, dtypes and replicated shardings of `stage`'s state, for restoring.
 
   The restored state keeps this one's optimizer, whose schedule depends on
   the stage's number of steps.
   """
-  shapes = jax.eval_shape(lambda: create_train_state(config, prng_key(0), stage))
+  shapes = jax.eval_shape(lambda: create_train_state(method, config, prng_key(0), stage))
   sharding = parallel.replicated(mesh)
   return jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
@@ -62,8 +62,8 @@ def has_checkpoint_at(workdir: str, stage: int, step: int) -> bool:
   return os.path.isdir(os.path.join(paths.stage_checkpoints(workdir, stage), str(step)))
 
 
-def restore_state(config: ml_collections.ConfigDict, workdir: str, stage: int,
-                  mesh: jax.sharding.Mesh, step: int = -1) -> tuple[Any, int]:
+def restore_state(method: base.Method, config: ml_collections.ConfigDict, workdir: str,
+                  stage: int, mesh: jax.sharding.Mesh, step: int = -1) -> tuple[Any, int]:
   """The state of `stage` at `step` (-1: the newest intact one), replicated over `mesh`.
 
   Raises:
@@ -72,7 +72,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, stage: int,
   checkpoints = checkpoints_lib.Checkpoints(
       paths.stage_checkpoints(workdir, stage), config.train, read_only=True)
   try:
-    target = abstract_train_state(config, mesh, stage)
+    target = abstract_train_state(method, config, mesh, stage)
     if step >= 0:
       return checkpoints.restore(step, target), step
     restored = checkpoints.restore_latest(target)

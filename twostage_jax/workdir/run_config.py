@@ -17,6 +17,7 @@ newest checkpoint.
 """
 
 import copy
+import fnmatch
 import glob
 import json
 import os
@@ -33,7 +34,8 @@ from twostage_jax.workdir import paths
 # Settings an existing workdir's command may change: which stages it trains
 # (stage 2 on a workdir whose stage 1 was trained alone), how a run logs, feeds
 # and compiles, which checkpoints it evaluates, how it scores and thresholds,
-# where it predicts and what it exports for. A key covers the keys below it.
+# where it predicts and what it exports for. A key covers the keys below it;
+# '*' stands for any characters (eval.stage*_step: every stage's).
 # A method adds its own (`Method.per_run_keys`).
 PER_RUN_KEYS = (
     'stage',
@@ -46,8 +48,7 @@ PER_RUN_KEYS = (
     'train.tensorboard_images',
     'eval.batch_size',
     'eval.num_examples',
-    'eval.stage1_step',
-    'eval.stage2_step',
+    'eval.stage*_step',
     'eval.score_rule',
     'eval.image_score',
     'eval.score_filter_size',
@@ -79,8 +80,8 @@ def explicit_overrides(config_flag: Any) -> dict[str, Any]:
 
 
 def _covered(key: str, prefixes: Any) -> bool:
-  """Whether dotted `key` is one of `prefixes` or lies below one of them."""
-  return any(key == k or key.startswith(k + '.') for k in prefixes)
+  """Whether dotted `key` matches one of `prefixes` (fnmatch patterns) or lies below one."""
+  return any(fnmatch.fnmatchcase(key, k) or key.startswith(k + '.') for k in prefixes)
 
 
 def is_per_run(key: str, method_keys: tuple[str, ...] = ()) -> bool:

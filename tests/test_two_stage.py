@@ -136,6 +136,14 @@ def test_thresholds_are_quantiles_of_the_held_out_normal_images(two_stage_run):
   assert json.load(open(paths.thresholds_file(workdir)))['refine']['combine'] == 'max'
   calibration.ensure_thresholds(config, workdir, model)  # restores the stored ones
 
+  # Thresholds stored by code that computed other maps are not taken as current.
+  older = {**json.load(open(paths.thresholds_file(workdir))),
+           'maps_revision': calibration.MAPS_REVISION - 1, 'pixel': -1.0}
+  with open(paths.thresholds_file(workdir), 'w') as f:
+    json.dump(older, f)
+  again = calibration.ensure_thresholds(config, workdir, model)
+  assert again['pixel'] == pytest.approx(np.quantile(maps['combined'], 0.999), rel=1e-6)
+
 
 def test_evaluation_pairs_stage2_with_the_stage1_checkpoint_it_was_trained_on(
     two_stage_run, tmp_path, caplog):

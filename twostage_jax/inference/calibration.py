@@ -30,6 +30,10 @@ from twostage_jax.workdir import paths
 
 
 HeldOut = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # maps and scores by map name
+# Raised whenever the code gives other maps or scores for the same checkpoints
+# and config (issue 23's reflected smoothing was such a change), so thresholds
+# stored before it are recomputed instead of being taken as current.
+MAPS_REVISION = 2
 
 
 def compute_thresholds(config: ml_collections.ConfigDict, model: engine.TrainedModel,
@@ -65,6 +69,7 @@ def _computed_for(config: ml_collections.ConfigDict,
                   model: engine.TrainedModel) -> dict[str, Any]:
   """Everything besides the weights that changes the held-out maps or scores."""
   return {
+      'maps_revision': MAPS_REVISION,
       **model.steps,
       'map': model.final_map,
       'method': model.method.name,

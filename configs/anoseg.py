@@ -15,7 +15,7 @@ from configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base.get_config(num_stages=1)
+  config = base.get_config(num_stages=2)
   config.method = 'anoseg'
   config.stage = 'both'  # '1': AnoSeg alone (the map and its score rule), '2': the detector
   config.image_size = 256  # the paper's

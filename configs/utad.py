@@ -21,7 +21,7 @@ from configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base.get_config(num_stages=1)
+  config = base.get_config(num_stages=2)
   config.method = 'utad'
   config.stage = 'both'  # '1': IE-Net alone (the 'impression' map), '2': Expert-Net
   config.image_size = 256  # the paper's

@@ -75,3 +75,27 @@ def test_a_broken_test_split_stops_training_before_it_starts(tmp_path):
                     f'--config.cache_dir={tmp_path / "cache"}')
   assert 'error: defective test image' in stderr and '001.png has no mask' in stderr
   assert not os.path.exists(workdir / 'checkpoints')
+
+
+def test_a_config_of_another_method_names_the_config_to_start_from(tmp_path):
+  stderr = run_main(tmp_path / 'run', '--config.method=bauer')
+  assert ("error: config.method = 'bauer', but the config lacks its key 'encoder_widths': it "
+          'was written for another method; start from --config=configs/bauer.py') in stderr
+  stderr = run_main(tmp_path / 'run', '--config.method=utad')
+  assert "lacks its key 'ie_net'" in stderr and 'start from --config=configs/utad.py' in stderr
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+  path = tmp_path / 'notes.txt'
+  path.write_text('mine')
+  stderr = run_main(path)
+  assert f'error: --workdir={path} is a file; give a folder' in stderr
+  assert path.read_text() == 'mine'
+
+
+def test_a_batch_the_devices_cannot_share_is_one_line_and_pins_nothing(tmp_path):
+  stderr = run_main(tmp_path / 'run', '--config.train.global_batch_size=4')  # 8 devices
+  assert ('error: global batch size 4 does not divide by the 8 devices of this run; choose a '
+          'multiple of 8.') in stderr
+  assert not os.path.exists(tmp_path / 'run' / 'config.json')

@@ -128,6 +128,8 @@ def test_a_run_killed_in_each_stage_resumes_to_the_same_parameters(
       np.testing.assert_array_equal(a, b)
   metrics = [json.loads(line) for line in (killed / 'metrics.jsonl').read_text().splitlines()]
   assert (metrics[-1]['stage'], metrics[-1]['step']) == (2, NUM_STEPS)
+  logged = [(r['stage'], r['step']) for r in metrics]
+  assert logged == sorted(set(logged)), 'after two kills, metrics.jsonl holds each step once'
   written = json.loads((killed / 'eval' / 'metrics.json').read_text())
   assert written['stage1_step'] == written['stage2_step'] == NUM_STEPS
   assert list(written['rows']) == ['stage 1', 'stage 2', 'combined']

@@ -4,6 +4,7 @@ It lives in the package so that main.py stays import-free: the input
 pipeline's spawned workers re-import main.py, and must not import JAX.
 """
 
+import json
 import os
 import sys
 
@@ -27,6 +28,7 @@ from twostage_jax.inference import predict
 from twostage_jax.runtime import parallel
 from twostage_jax.runtime import pipeline
 from twostage_jax.training import train
+from twostage_jax.training import train_state
 from twostage_jax.workdir import atomic_write
 from twostage_jax.workdir import checkpoints
 from twostage_jax.workdir import lock as workdir_lock
@@ -48,7 +50,8 @@ ALL_CATEGORIES = 'all'
 # Problems with the user's files, config or workdir: their messages name them,
 # so they end the program with one line instead of a traceback.
 USER_ERRORS = (data.DatasetError, FileNotFoundError, checkpoints.DamagedCheckpointError,
-               run_config.ConfigMismatch, workdir_lock.WorkdirLocked, pipeline.WorkerDied)
+               run_config.ConfigMismatch, workdir_lock.WorkdirLocked, pipeline.WorkerDied,
+               parallel.BatchSizeError)
 
 
 def run_category(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict | None:
@@ -60,13 +63,64 @@ def run_category(config: ml_collections.ConfigDict, workdir: str, mode: str) -> 
     logging.info('exported the detector to %s', detector.export(config, workdir))
     return None
   if mode == 'train':
-    data.check_test_split(config)  # before hours of training, not after
+    # Before hours of training, not after, and before the config is saved.
+    parallel.local_batch_size(config.train.global_batch_size)
+    data.check_test_split(config)
+    method = methods.get(config.method)
+    new_run = run_config.load(workdir) is None
     if jax.process_index() == 0:
       run_config.save(config, workdir)
-    method = methods.get(config.method)
-    for stage in train.stages_to_train(method, config):
-      train.train(method, config, workdir, stage)
+      _save_data_contents(config, workdir)
+    try:
+      for stage in train.stages_to_train(method, config):
+        train.train(method, config, workdir, stage)
+    except BaseException:
+      if (new_run and jax.process_index() == 0
+          and not any(train_state.has_checkpoint(workdir, s) for s in method.stages)):
+        _unpin(workdir)  # nothing was learned: the corrected command starts afresh
+      raise
   return evaluate.evaluate(config, workdir, engine.load_model(config, workdir))
+
+
+def _save_data_contents(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Records what the training data holds, once, so the data may move later."""
+  path = paths.data_contents_file(workdir)
+  if config.data_dir and not os.path.exists(path):
+    atomic_write.write_json(path, {'category': config.category,
+                                   'files': data.category_contents(config.data_dir,
+                                                                   config.category)})
+
+
+def _unpin(workdir: str) -> None:
+  """Forgets the config and data a run that stopped before its first checkpoint saved."""
+  for path in (paths.config_file(workdir), paths.data_contents_file(workdir)):
+    if os.path.exists(path):
+      os.remove(path)
+
+
+def _moved_data(overrides: dict, workdir: str) -> bool:
+  """Whether the command points a trained workdir at its own data in another place.
+
+  Raises:
+    ConfigMismatch: naming the files that differ, if the new place holds other data.
+  """
+  saved = run_config.load(workdir)
+  new = overrides.get('data_dir')
+  path = paths.data_contents_file(workdir)
+  if saved is None or not new or new == saved.data_dir or not os.path.exists(path):
+    return False
+  with open(path, encoding='utf-8') as f:
+    stored = json.load(f)
+  found = data.category_contents(new, stored['category'])
+  differences = data.content_differences(stored['files'], found)
+  if differences:
+    raise run_config.ConfigMismatch(
+        f'--config.data_dir={new}: workdir {os.path.abspath(workdir)} was trained on '
+        f'{saved.data_dir}, and {stored["category"]} there is not the data it learned '
+        'from:\n  ' + '\n  '.join(differences))
+  logging.info('data_dir %s holds the files %s was trained on (moved from %s)', new, workdir,
+               saved.data_dir)
+  return True
 
 
 def categories_of(config: ml_collections.ConfigDict) -> list[str]:
@@ -113,8 +167,10 @@ def _checked_run_config(config: ml_collections.ConfigDict, overrides: dict,
   """The run's config in `workdir` (its saved one, if any) with `overrides`, validated."""
   if config.method not in methods.names():
     _validated(config)  # names the unknown method beside every other problem
-  method_keys = methods.get(config.method).per_run_keys
-  return _validated(run_config.resolve(config, overrides, workdir, method_keys))
+  per_run_keys = methods.get(config.method).per_run_keys
+  if _moved_data(overrides, workdir):
+    per_run_keys += ('data_dir',)
+  return _validated(run_config.resolve(config, overrides, workdir, per_run_keys))
 
 
 def _validated(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -151,6 +207,9 @@ def main(argv: list[str]) -> None:
   # Orbax reports every file it writes at INFO level; keep the progress readable.
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
   overrides = run_config.explicit_overrides(FLAGS['config'])
+  if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+    raise SystemExit(f'error: --workdir={FLAGS.workdir} is a file; give a folder (a new one '
+                     'is created)')
   try:
     if FLAGS.config.category == ALL_CATEGORIES:
       _validated(FLAGS.config)  # each category's run config is checked again

@@ -44,7 +44,9 @@ _RULES: tuple[base.Rule, ...] = (
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError listing every config value outside its valid range.
 
-  An unknown `method` is reported alone, naming the known ones.
+  An unknown `method` is reported alone, naming the known ones; a config
+  written for another method (it lacks the method's keys) names the config
+  to start from.
   """
   method = methods.get(config.method)
   problems = base.rule_problems(config, _RULES)
@@ -52,6 +54,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.stage not in stages:
     problems.append(f'config.stage = {config.stage!r} must be '
                     f"{' or '.join(map(repr, stages))} for method {method.name!r}")
-  problems += method.config_problems(config)
+  try:
+    problems += method.config_problems(config)
+  except KeyError as error:
+    start = (f'--config={method.config_file}' if method.config_file
+             else f"the config of method {method.name!r}")
+    raise ValueError(
+        f'config.method = {method.name!r}, but the config lacks its key {error.args[0]}: it '
+        f'was written for another method; start from {start}') from error
   if problems:
     raise ValueError('invalid config:\n  ' + '\n  '.join(problems))

@@ -10,9 +10,9 @@ from PIL import Image
 
 from twostage_jax.data.errors import DatasetError
 
-# PIL modes holding one integer channel wider than 8 bits (16-bit PNG/TIFF).
+# PIL modes holding one integer channel wider than 8 bits (16-bit PNG/TIFF,
+# 32-bit TIFF).
 _WIDE_INT_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
-_WIDE_INT_MAX = 65535.0
 # PIL's mode for one 32-bit float channel (float TIFFs).
 _FLOAT_MODE = 'F'
 # Modes whose pixels are one number each, read as they are for masks.
@@ -59,10 +59,20 @@ def image_size_of(path: str) -> tuple[int, int]:
   return height, width
 
 
-def _wide_int_to_unit(image: Image.Image) -> np.ndarray:
-  """Float32 in [0, 1] from a 16-bit single-channel image."""
-  values = np.asarray(image, dtype=np.float32) / _WIDE_INT_MAX
-  return np.clip(values, 0.0, 1.0)
+def integers_to_unit(values: np.ndarray) -> np.ndarray:
+  """Float32 in [0, 1] of integer pixel values, by their dtype's range.
+
+  0 is black and the dtype's largest value white: uint8 /255, uint16 /65535,
+  int32 /(2**31 - 1). So a 12-bit camera's image kept in uint16 (0..4095)
+  reads dark; divide it by 4095 first to use its full range.
+
+  Raises:
+    ValueError: naming the smallest value, if any is negative.
+  """
+  lowest = values.min(initial=0)
+  if lowest < 0:
+    raise ValueError(f'{values.dtype} pixel values must be 0 or more, found {lowest}')
+  return (values.astype(np.float64) / np.iinfo(values.dtype).max).astype(np.float32)
 
 
 def _float_to_unit(image: Image.Image) -> np.ndarray:
@@ -82,16 +92,21 @@ def _float_to_unit(image: Image.Image) -> np.ndarray:
 def read_rgb(path: str, size: int) -> np.ndarray:
   """Reads any common image file as uint8 RGB of shape (size, size, 3).
 
-  Grayscale, palette, alpha, 16-bit and float files all become 8-bit RGB
-  (alpha is dropped), so every category looks the same to the model; see
-  `_float_to_unit` for the range of float files. Resizing uses PIL bilinear
+  Grayscale, palette, alpha, 16- and 32-bit integer and float files all
+  become 8-bit RGB (alpha is dropped), so every category looks the same to
+  the model. Integer files are read by their dtype's range
+  (`integers_to_unit`); see `_float_to_unit` for the range of float files. Resizing uses PIL bilinear
   and is skipped when the file already has that size.
   """
   image = _decode(path)
-  if image.mode == _FLOAT_MODE or image.mode in _WIDE_INT_MODES:
-    unit = (_float_to_unit(image) if image.mode == _FLOAT_MODE
-            else _wide_int_to_unit(image))
+  if image.mode in _WIDE_INT_MODES:
+    try:
+      unit = integers_to_unit(np.asarray(image))
+    except ValueError as error:
+      raise DatasetError(f'cannot read image file {path}: {error}') from error
     image = Image.fromarray(np.rint(unit * 255.0).astype(np.uint8))
+  elif image.mode == _FLOAT_MODE:
+    image = Image.fromarray(np.rint(_float_to_unit(image) * 255.0).astype(np.uint8))
   image = image.convert('RGB')
   if image.size != (size, size):
     image = image.resize((size, size), Image.Resampling.BILINEAR)

@@ -11,6 +11,11 @@ and an export to users' own code:
     from twostage_jax import Detector
     detector = Detector.load('runs/bottle')   # a workdir, or an export folder
     result = detector.predict(images)          # any sizes
+
+`Detector.predict` reads a list or a 4-D array as a batch and a 3-D array
+whose last axis is 1, 3 or 4 (or a 2-D one) as one image; values by dtype:
+uint8 0..255, float in [0, 1], other integers 0..their dtype's largest.
+Anything else is refused with a message naming it.
 """
 
 import dataclasses
@@ -27,6 +32,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from twostage_jax import data
 from twostage_jax.inference import calibration
 from twostage_jax.inference import engine
 from twostage_jax.runtime import parallel
@@ -38,6 +44,8 @@ EXPORT_FILE = 'detector.jax'
 INFO_FILE = 'detector.json'
 # Images per call: a fixed size, so the batch-polymorphic export compiles once.
 _BATCH_SIZE_KEY = 'batch_size'
+# What Detector reads from detector.json.
+_INFO_KEYS = ('input_size', 'thresholds', _BATCH_SIZE_KEY)
 
 DetectFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -115,23 +123,76 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   return folder
 
 
-def to_model_input(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 (size, size, 3) of an (H, W), (H, W, 1|3|4) image, uint8 or float in [0, 1].
+def images_of(images: Any) -> list[np.ndarray]:
+  """The images of `Detector.predict`'s argument, by its input contract.
 
+  A list or tuple, or a 4-D array, is a batch; a 3-D array whose last axis
+  is 1, 3 or 4 is one image; a 2-D array is one gray image.
+
+  Raises:
+    ValueError: naming the shape, for an empty batch or any other shape.
+  """
+  if isinstance(images, (list, tuple)):
+    batch = list(images)
+  else:
+    array = np.asarray(images)
+    if array.ndim == 4:
+      batch = list(array)
+    elif array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4)):
+      batch = [array]
+    else:
+      raise ValueError(
+          f'cannot read an array of shape {array.shape} as images: give a batch (N, H, W, C), '
+          'a list of images, one image (H, W, 1|3|4) or one gray image (H, W)')
+  if not batch:
+    raise ValueError('no images to predict: the batch is empty')
+  return batch
+
+
+def to_model_input(image: Any, size: int) -> np.ndarray:
+  """uint8 (size, size, 3) of one (H, W) or (H, W, 1|3|4) image.
+
+  Values are read by dtype: uint8 is 0..255; float must lie in [0, 1];
+  other integer types span 0..their dtype's largest value (uint16 /65535: a
+  12-bit image kept in uint16 reads dark unless divided by 4095 first).
   Grey becomes RGB and alpha is dropped; resizing is PIL bilinear, as for
   files (data.read_rgb).
+
+  Raises:
+    ValueError: naming what is wrong: a nested list instead of an array, the
+      shape, a dtype that is not a number, or values outside the range.
   """
+  if isinstance(image, (list, tuple)):
+    raise ValueError('an image must be an array, not a nested list: use np.asarray with '
+                     'dtype uint8 (0..255) or float32 (0..1)')
   image = np.asarray(image)
   if image.ndim == 2:
     image = image[..., None]
   if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
     raise ValueError(f'an image must be (H, W) or (H, W, 1|3|4), got shape {image.shape}')
   if image.dtype != np.uint8:
-    image = np.rint(np.clip(image.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+    image = np.rint(_unit_values(image) * 255.0).astype(np.uint8)
   image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
   if image.shape[:2] != (size, size):
     image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
   return image
+
+
+def _unit_values(image: np.ndarray) -> np.ndarray:
+  """Float32 in [0, 1] of a non-uint8 image (see `to_model_input`)."""
+  if np.issubdtype(image.dtype, np.integer):
+    return data.integers_to_unit(image)
+  if not np.issubdtype(image.dtype, np.floating):
+    raise ValueError(f'an image must hold numbers (uint8, other integers or float in [0, 1]), '
+                     f'got dtype {image.dtype}')
+  if np.isnan(image).any():
+    raise ValueError('a float image must lie in [0, 1], but it holds NaN')
+  low, high = float(image.min()), float(image.max())
+  if low < 0 or high > 1:
+    raise ValueError(
+        f'a float image must lie in [0, 1], but its values span [{low:g}, {high:g}]; '
+        'divide 8-bit values by 255 (or pass them as uint8)')
+  return image.astype(np.float32)
 
 
 def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -154,6 +215,16 @@ class Prediction:
   scores: np.ndarray
   anomalous: np.ndarray
   masks: list[np.ndarray]
+
+
+class DamagedExport(ValueError):
+  """An export file that cannot be read; the message names it and how to write it again."""
+
+  def __init__(self, path: str, error: Exception):
+    super().__init__(
+        f'the export file {path} cannot be read ({type(error).__name__}: {error}); it is '
+        'damaged or incomplete: write the export again with '
+        'python main.py --mode=export --workdir=<the trained run> --config=<its config>')
 
 
 class Detector:
@@ -220,10 +291,26 @@ class Detector:
 
   @classmethod
   def _from_export(cls, folder: str) -> 'Detector':
-    with open(os.path.join(folder, EXPORT_FILE), 'rb') as f:
-      exported = jax.export.deserialize(bytearray(f.read()))
-    with open(os.path.join(folder, INFO_FILE), encoding='utf-8') as f:
-      info = json.load(f)
+    """The detector of an export folder.
+
+    Raises:
+      DamagedExport: naming the file, if either file cannot be read.
+    """
+    program, info_path = os.path.join(folder, EXPORT_FILE), os.path.join(folder, INFO_FILE)
+    try:
+      with open(program, 'rb') as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      # A truncated or foreign file fails deep in the deserializer, with any type.
+      raise DamagedExport(program, error) from error
+    try:
+      with open(info_path, encoding='utf-8') as f:
+        info = json.load(f)
+      missing = [key for key in _INFO_KEYS if key not in info]
+      if missing:
+        raise ValueError(f'it lacks {", ".join(missing)}')
+    except (OSError, ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
+      raise DamagedExport(info_path, error) from error
     return cls(functools.partial(_in_fixed_batches, exported.call, info[_BATCH_SIZE_KEY]),
                info)
 
@@ -239,10 +326,18 @@ class Detector:
     """Maps at each image's own size, scores and decisions at the stored thresholds.
 
     Args:
-      images: (H, W) or (H, W, 1|3|4) arrays of any sizes, uint8 or float in
-        [0, 1]; or one (N, H, W[, C]) array.
+      images: a batch, as a list of images or one (N, H, W, C) array; or one
+        image, (H, W, 1|3|4), or one gray image, (H, W). Any sizes. uint8 is
+        0..255, float must lie in [0, 1] (anything beyond, or NaN, is
+        refused), other integer types span 0..their dtype's largest value
+        (uint16: /65535; scale a 12-bit image kept in uint16 by 1/4095
+        yourself).
+
+    Raises:
+      ValueError: naming the problem, for an empty batch, another shape, a
+        nested list as an image or values outside their dtype's range.
     """
-    images = list(images)
+    images = images_of(images)
     size = self.info['input_size']
     maps, scores = self.detect(np.stack([to_model_input(image, size) for image in images]))
     thresholds = self.info['thresholds']

@@ -62,6 +62,8 @@ class Method(abc.ABC):
 
   name: str
   stages: tuple[int, ...]  # every stage it trains, in training order
+  # The config a run of the method starts from, named when a config lacks its keys.
+  config_file: str = ''
   config_rules: tuple[Rule, ...] = ()  # checked by config_problems
   # Config keys of the method's own that may change on a trained workdir
   # (beside run_config.PER_RUN_KEYS): settings of how it runs, not of what it learned.

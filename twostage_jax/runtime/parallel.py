@@ -34,11 +34,19 @@ def make_mesh() -> Mesh:
   return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
 
 
+class BatchSizeError(ValueError):
+  """A global batch that the run's devices cannot share evenly."""
+
+
 def local_batch_size(global_batch_size: int) -> int:
-  """This process's share of a global batch; checks that it divides evenly."""
+  """This process's share of a global batch.
+
+  Raises:
+    BatchSizeError: naming both numbers, if the devices cannot share it evenly.
+  """
   devices = jax.device_count()
   if global_batch_size % devices:
-    raise ValueError(
+    raise BatchSizeError(
         f'global batch size {global_batch_size} does not divide by the '
         f'{devices} devices of this run; choose a multiple of {devices}.')
   return global_batch_size // jax.process_count()

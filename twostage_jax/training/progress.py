@@ -1,6 +1,7 @@
 """Training progress: a log line per interval, a record in metrics.jsonl and TensorBoard."""
 
 import json
+import os
 import time
 
 import jax
@@ -11,6 +12,7 @@ from absl import logging
 from twostage_jax.runtime import prefetch
 from twostage_jax.training import schedules
 from twostage_jax.training import summaries
+from twostage_jax.workdir import atomic_write
 from twostage_jax.workdir import paths
 
 
@@ -18,7 +20,9 @@ class Progress:
   """Prints step, loss, images/s, data wait and ETA; appends them to metrics.jsonl.
 
   The first step of a (re)started run includes compilation, so it reports
-  its duration instead of a throughput. `summary` gets the same numbers as
+  its duration instead of a throughput. A resumed stage first drops its
+  records after the checkpoint it resumes from (they are trained again), so
+  metrics.jsonl holds each step once. `summary` gets the same numbers as
   TensorBoard scalars.
   """
 
@@ -35,6 +39,8 @@ class Progress:
     self._last_step = start_step
     self._last_time = time.perf_counter()
     self._summary = summary
+    if self._writes:
+      _drop_records_after(self._path, stage, start_step)
 
   def log(self, step: int, metrics: dict[str, jax.Array], clock: prefetch.DataWaitClock,
           first: bool = False) -> None:
@@ -63,3 +69,26 @@ class Progress:
         f.write(json.dumps(record) + '\n')
     if self._summary is not None:
       self._summary.scalars(step, record)
+
+
+def _drop_records_after(path: str, stage: int, step: int) -> None:
+  """Rewrites metrics.jsonl without `stage`'s records after `step` or torn lines.
+
+  A run killed after its last checkpoint logged steps it will train again;
+  a kill in the middle of a write leaves a partial last line.
+  """
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = f.read().splitlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and record.get('stage') == stage and record.get('step', 0) > step:
+      continue
+    kept.append(line)
+  if kept != lines:
+    atomic_write.write_text(path, ''.join(line + '\n' for line in kept))

@@ -43,6 +43,11 @@ def thresholds_file(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINTS, 'thresholds.json')
 
 
+def data_contents_file(workdir: str) -> str:
+  """What the training data held (data/fingerprint.py), to recognise it elsewhere."""
+  return os.path.join(workdir, 'data_contents.json')
+
+
 def metrics_log(workdir: str) -> str:
   return os.path.join(workdir, 'metrics.jsonl')
 

@@ -82,6 +82,7 @@ class AnoSeg(base.Method):
 
   name = 'anoseg'
   stages = (1, 2)
+  config_file = 'configs/anoseg.py'
   inference_sections = ('detector',)
   # The detector's weights of Eq. 5 only score trained maps.
   per_run_keys = ('detector.alpha', 'detector.beta')

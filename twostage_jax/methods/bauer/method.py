@@ -48,6 +48,7 @@ class Bauer(base.Method):
 
   name = 'bauer'
   stages = (1,)
+  config_file = 'configs/bauer.py'
   config_rules = (
       ('model.encoder_widths', lambda v: len(v) > 0 and all(w > 0 for w in v),
        'a non-empty list of positive widths'),

@@ -98,6 +98,7 @@ class TwoStage(base.Method):
 
   name = 'two_stage'
   stages = (1, 2)
+  config_file = 'configs/mvtec.py'
   inference_sections = ('refine',)
   # Where the refinement's SLIC runs: the same algorithm on host or device.
   per_run_keys = ('refine.superpixels',)

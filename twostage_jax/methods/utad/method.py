@@ -58,6 +58,7 @@ class UTAD(base.Method):
 
   name = 'utad'
   stages = (1, 2)
+  config_file = 'configs/utad.py'
   inference_sections = ('perceptual',)
   # The perceptual measure only scores trained maps.
   per_run_keys = ('perceptual',)

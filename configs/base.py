@@ -100,9 +100,12 @@ def get_config(num_stages: int) -> ml_collections.ConfigDict:
   config.predict_dir = ''
   config.predict_output_dir = ''
 
-  # --mode=export: the platforms the exported detector is lowered for (any
-  # subset of 'cpu', 'cuda', 'rocm', 'tpu'); it runs on each of them.
+  # --mode=export: 'stablehlo' writes export/detector.jax (jax.export, which JAX
+  # alone runs), lowered for `platforms` (any subset of 'cpu', 'cuda', 'rocm',
+  # 'tpu'); 'onnx' writes export/detector.onnx for ONNX Runtime and others
+  # (the onnx extra: pip install '.[onnx]'; docs/deploy.md).
   config.export = ml_collections.ConfigDict()
+  config.export.format = 'stablehlo'
   config.export.platforms = ('cpu', 'cuda', 'tpu')
 
   # XLA compiler options for the CPU backend, e.g. {'xla_cpu_experimental_ynn_fusion_type':

@@ -38,6 +38,7 @@ _RULES: tuple[base.Rule, ...] = (
     ('eval.score_filter_size', lambda v: v > 0 and v % 2 == 1, 'a positive odd number'),
     ('eval.score_rule', lambda v: v in ('mean_filter_max', 'max'), "'mean_filter_max' or 'max'"),
     ('eval.map_sigma', lambda v: v >= 0, '0 or more'),
+    ('export.format', lambda v: v in ('stablehlo', 'onnx'), "'stablehlo' or 'onnx'"),
 )
 
 

@@ -23,6 +23,7 @@ import functools
 import importlib.metadata
 import json
 import os
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,7 +42,9 @@ from twostage_jax.workdir import paths
 from twostage_jax.workdir import run_config
 
 EXPORT_FILE = 'detector.jax'
+ONNX_FILE = 'detector.onnx'
 INFO_FILE = 'detector.json'
+_PROGRAM_FILES = {'stablehlo': EXPORT_FILE, 'onnx': ONNX_FILE}
 # Images per call: a fixed size, so the batch-polymorphic export compiles once.
 _BATCH_SIZE_KEY = 'batch_size'
 # What Detector reads from detector.json.
@@ -88,22 +91,27 @@ def _package_version() -> str:
 def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes the workdir's detector to `<workdir>/export/`; returns that folder.
 
-  `detector.jax` is the serialized `jax.export.Exported` (lowered for
-  `export.platforms`, any batch size); `detector.json` holds the input size,
-  method, map name, thresholds and their quantiles, checkpoint steps and the
-  package version. The thresholds are calibrated on the maps it computes,
-  with the method's device-side steps (`Method.pure_config`).
+  By `export.format`: 'stablehlo' writes `detector.jax`, the serialized
+  `jax.export.Exported` (lowered for `export.platforms`, any batch size);
+  'onnx' writes `detector.onnx` (onnx_graph.py; input 'images', outputs
+  'maps' and 'scores', any batch size, `detector.json`'s fields also in its
+  metadata properties). Either comes with `detector.json`: format, input
+  size, method, map name, thresholds and their quantiles, checkpoint steps
+  and the package version. The thresholds are calibrated on the maps it
+  computes, with the method's device-side steps (`Method.pure_config`).
+
+  Raises:
+    ImportError: naming the extra, if 'onnx' is asked for without it.
+    onnx_graph.UnsupportedPrimitive: naming the operation, if the detector
+      holds one the ONNX converter cannot express.
   """
   model = engine.load_model(config, workdir)
   config = model.method.pure_config(config)
   thresholds = calibration.ensure_thresholds(config, workdir, model)
   size = config.image_size
-  batch, = jax.export.symbolic_shape('batch')
   detect = detector_fn(config, model)
-  exported = jax.export.export(jax.jit(detect),
-                               platforms=tuple(config.export.platforms))(
-                                   jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8))
   info = {
+      'format': config.export.format,
       'input_size': size,
       'method': model.method.name,
       'map': model.final_map,
@@ -112,15 +120,49 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
                      'pixel_quantile': config.calibration.pixel_quantile},
       'steps': model.steps,
       'score_rule': config.eval.score_rule,
-      'platforms': list(exported.platforms),
       _BATCH_SIZE_KEY: config.eval.batch_size,
       'version': _package_version(),
   }
+  if config.export.format == 'onnx':
+    converter = _onnx_graph()
+    program = converter.to_onnx(
+        detect, [converter.Input('images', (size, size, 3), np.uint8)], ('maps', 'scores'),
+        {key: json.dumps(value) for key, value in info.items()}).SerializeToString()
+  else:
+    batch, = jax.export.symbolic_shape('batch')
+    exported = jax.export.export(jax.jit(detect), platforms=tuple(config.export.platforms))(
+        jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8))
+    info['platforms'] = list(exported.platforms)
+    program = bytes(exported.serialize())
   folder = paths.export_dir(workdir)
   if jax.process_index() == 0:
-    atomic_write.write_bytes(os.path.join(folder, EXPORT_FILE), bytes(exported.serialize()))
+    written = _PROGRAM_FILES[config.export.format]
+    atomic_write.write_bytes(os.path.join(folder, written), program)
     atomic_write.write_json(os.path.join(folder, INFO_FILE), info)
+    for other in set(_PROGRAM_FILES.values()) - {written}:  # an earlier export's
+      if os.path.exists(os.path.join(folder, other)):
+        os.remove(os.path.join(folder, other))
   return folder
+
+
+def _onnx_graph() -> types.ModuleType:
+  """The ONNX converter, whose onnx package is an optional extra."""
+  try:
+    from twostage_jax.inference import onnx_graph  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise ImportError(f'the ONNX export needs the onnx extra: pip install \'.[onnx]\' '
+                      f'({error})') from error
+  return onnx_graph
+
+
+def _onnx_session(path: str) -> Any:
+  """An ONNX Runtime session of `path`, whose package is an optional extra."""
+  try:
+    import onnxruntime  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise ImportError(f'{path} needs ONNX Runtime: pip install \'.[onnx]\' (or '
+                      f'onnxruntime) ({error})') from error
+  return onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
 
 
 def images_of(images: Any) -> list[np.ndarray]:
@@ -254,7 +296,7 @@ class Detector:
     """
     if os.path.isfile(path):
       path = os.path.dirname(os.path.abspath(path))
-    if os.path.isfile(os.path.join(path, EXPORT_FILE)):
+    if any(os.path.isfile(os.path.join(path, name)) for name in _PROGRAM_FILES.values()):
       return cls._from_export(path)
     config = run_config.load(path)
     if config is None:
@@ -291,18 +333,12 @@ class Detector:
 
   @classmethod
   def _from_export(cls, folder: str) -> 'Detector':
-    """The detector of an export folder.
+    """The detector of an export folder, StableHLO or ONNX (detector.json's format).
 
     Raises:
       DamagedExport: naming the file, if either file cannot be read.
     """
-    program, info_path = os.path.join(folder, EXPORT_FILE), os.path.join(folder, INFO_FILE)
-    try:
-      with open(program, 'rb') as f:
-        exported = jax.export.deserialize(bytearray(f.read()))
-    except Exception as error:  # pylint: disable=broad-exception-caught
-      # A truncated or foreign file fails deep in the deserializer, with any type.
-      raise DamagedExport(program, error) from error
+    info_path = os.path.join(folder, INFO_FILE)
     try:
       with open(info_path, encoding='utf-8') as f:
         info = json.load(f)
@@ -311,8 +347,20 @@ class Detector:
         raise ValueError(f'it lacks {", ".join(missing)}')
     except (OSError, ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
       raise DamagedExport(info_path, error) from error
-    return cls(functools.partial(_in_fixed_batches, exported.call, info[_BATCH_SIZE_KEY]),
-               info)
+    program = os.path.join(folder, _PROGRAM_FILES.get(info.get('format'), EXPORT_FILE))
+    try:
+      if program.endswith(ONNX_FILE):
+        session = _onnx_session(program)
+        call = lambda images: tuple(session.run(['maps', 'scores'], {'images': images}))
+      else:
+        with open(program, 'rb') as f:
+          call = jax.export.deserialize(bytearray(f.read())).call
+    except ImportError:
+      raise
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      # A truncated or foreign file fails deep in the deserializer, with any type.
+      raise DamagedExport(program, error) from error
+    return cls(functools.partial(_in_fixed_batches, call, info[_BATCH_SIZE_KEY]), info)
 
   def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float32 maps (N, S, S) and scores (N,) of uint8 images (N, S, S, 3) at the input size."""

@@ -11,9 +11,20 @@ and the refinement with the SLIC labels given (networks alone), SLIC on the
 host (scikit-image in worker processes), and with `refine.superpixels` =
 'device' SLIC on the device. The full call overlaps host SLIC with the
 device, so host SLIC's share is SLIC alone over the full call.
+
+With --onnx (the onnx extra installed), also ONNX Runtime against the JAX
+detector, for this config's two-stage model and Bauer's autoencoder
+(configs/bauer.py at the same image size): the jitted JAX detector
+(`detector.detector_fn`, SLIC on the device) and the model's ONNX export
+through `Detector.load` (the two-stage export's host step runs scikit-image
+SLIC between its graphs) on the same images, in alternating rounds after a
+warm-up call each, best round reported. Both use every core (ONNX Runtime's
+intra-op pool, XLA:CPU's): 2 on the machine of docs/results.md.
 """
 
 import json
+import os
+import tempfile
 import time
 
 import jax
@@ -23,7 +34,9 @@ from absl import flags
 from ml_collections import config_flags
 
 import machine
+from configs import bauer
 from twostage_jax import methods
+from twostage_jax.inference import detector
 from twostage_jax.inference import engine
 from twostage_jax.methods.two_stage import host_slic
 from twostage_jax.methods.two_stage import method as two_stage
@@ -34,6 +47,8 @@ from twostage_jax.training import train_state
 config_flags.DEFINE_config_file('config', 'configs/mvtec.py', 'Config file.')
 flags.DEFINE_integer('images', 64, 'Test images per timed call.')
 flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
+flags.DEFINE_bool('onnx', False, 'Also time ONNX Runtime against the JAX detector.')
+flags.DEFINE_integer('rounds', 3, 'Alternating timed rounds of each detector (--onnx).')
 FLAGS = flags.FLAGS
 
 
@@ -41,6 +56,56 @@ def _timed(fn, *args) -> tuple[float, object]:
   start = time.perf_counter()
   out = jax.block_until_ready(fn(*args))
   return time.perf_counter() - start, out
+
+
+def _untrained(config):
+  method = methods.get(config.method)
+  variables = tuple(jax.device_get(train_state.variables_of(
+      method.create_state(config, train_state.prng_key(stage), stage)))
+                    for stage in method.stages)
+  return engine.TrainedModel(method, variables, tuple(1 for _ in method.stages),
+                             method.final_map(config, method.stages))
+
+
+def _onnx_detector(config, model, folder, batch_size):
+  """Detector.load of the model's ONNX export, written to `folder`."""
+  info = {'format': 'onnx', 'input_size': config.image_size,
+          'thresholds': {'image': 0.0, 'pixel': 0.0}, 'batch_size': batch_size}
+  for name, program in detector._onnx_programs(config, model, info).items():  # pylint: disable=protected-access
+    with open(os.path.join(folder, name), 'wb') as f:
+      f.write(program)
+  with open(os.path.join(folder, detector.INFO_FILE), 'w', encoding='utf-8') as f:
+    json.dump(info, f)
+  return detector.Detector.load(folder)
+
+
+def _onnx_against_jax(config, images) -> dict:
+  """Images/s of the JAX detector and the ONNX export, two-stage and Bauer, printed."""
+  bauer_config = bauer.get_config()
+  bauer_config.image_size = config.image_size
+  figures = {}
+  for name, method_config in (('two_stage', config), ('bauer', bauer_config)):
+    model = _untrained(method_config)
+    jax_detect = jax.jit(detector.detector_fn(model.method.pure_config(method_config), model))
+    with tempfile.TemporaryDirectory() as folder:
+      onnx_detector = _onnx_detector(method_config, model, folder, len(images))
+      runners = {'jax': lambda: jax.block_until_ready(jax_detect(images)),
+                 'onnx': lambda: onnx_detector.detect(images)}
+      times = {key: [] for key in runners}
+      for run in runners.values():
+        run()  # compiles; builds the session's kernels
+      for _ in range(FLAGS.rounds):
+        for key, run in runners.items():
+          start = time.perf_counter()
+          run()
+          times[key].append(time.perf_counter() - start)
+    rates = {key: len(images) / min(values) for key, values in times.items()}
+    figures[name] = {'jax_images_per_s': rates['jax'], 'onnx_images_per_s': rates['onnx'],
+                     'onnx_over_jax': rates['onnx'] / rates['jax']}
+    print(f'{name} detector, {len(images)} images, best of {FLAGS.rounds}: JAX '
+          f'{rates["jax"]:.1f} images/s, ONNX Runtime {rates["onnx"]:.1f} images/s '
+          f'(ONNX / JAX {rates["onnx"] / rates["jax"]:.2f}; {os.cpu_count()} cores)', flush=True)
+  return figures
 
 
 def main(_):
@@ -96,6 +161,7 @@ def main(_):
   print(f'full inference:        {total_s:6.2f} s  {n / total_s:7.1f} images/s  '
         f'({device_s / total_s:.0%} of the networks-alone rate; host SLIC alone = '
         f'{slic_s / total_s:.0%} of the full call)')
+  onnx = _onnx_against_jax(config, images) if FLAGS.onnx else None
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
       json.dump({'machine': machine.describe(), 'jax': jax.__version__,
@@ -106,7 +172,8 @@ def main(_):
                  'full_over_networks_alone': device_s / total_s,
                  'host_slic_ms_per_image': 1e3 * slic_s / n,
                  'device_slic_ms_per_image': (None if device_slic_s is None
-                                              else 1e3 * device_slic_s / n)}, f, indent=1)
+                                              else 1e3 * device_slic_s / n),
+                 'onnx_against_jax': onnx}, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -10,10 +10,14 @@ layers of at most 9 * 512 terms: about 3e-5 of a map's scale, within 1e-4).
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 import float32_tolerance  # tests/float32_tolerance.py
 import test_anoseg  # tests/test_anoseg.py
@@ -25,6 +29,9 @@ from twostage_jax import Detector
 from twostage_jax import methods
 from twostage_jax.inference import detector
 from twostage_jax.inference import engine
+from twostage_jax.methods.two_stage import host_refine
+from twostage_jax.methods.two_stage import refine
+from twostage_jax.synthesis import superpixel
 from twostage_jax.training import train
 from twostage_jax.training import train_state
 
@@ -111,13 +118,22 @@ def test_an_operation_without_an_onnx_form_is_named():
                        ('maps', 'scores'))
 
 
-def test_the_onnx_export_loads_as_a_detector_and_says_what_a_caller_needs(tmp_path):
+_EXAMPLE_IMAGES = list(np.random.default_rng(0).integers(0, 256, (5, 40, 24, 3), np.uint8))
+
+
+@pytest.fixture(scope='module')
+def bauer_export(tmp_path_factory):
+  """(export folder, the workdir Detector's prediction) of a 2-step Bauer run, in ONNX."""
   config = test_bauer.tiny_config(**{'export.format': 'onnx', 'train.num_steps': 2,
                                      'train.checkpoint_every': 2, 'train.log_every': 2,
                                      'train.tensorboard': False})
-  workdir = str(tmp_path / 'run')
+  workdir = str(tmp_path_factory.mktemp('bauer_onnx'))
   train.train(methods.get(config.method), config, workdir, 1)
-  folder = detector.export(config, workdir)
+  return detector.export(config, workdir), Detector.load(workdir).predict(_EXAMPLE_IMAGES)
+
+
+def test_the_onnx_export_loads_as_a_detector_and_says_what_a_caller_needs(bauer_export):
+  folder, in_process = bauer_export
   assert sorted(os.listdir(folder)) == [detector.INFO_FILE, detector.ONNX_FILE]
   info = json.load(open(os.path.join(folder, detector.INFO_FILE)))
   assert info['format'] == 'onnx' and info['input_size'] == 32 and info['method'] == 'bauer'
@@ -125,9 +141,87 @@ def test_the_onnx_export_loads_as_a_detector_and_says_what_a_caller_needs(tmp_pa
                 for p in onnx.load(os.path.join(folder, detector.ONNX_FILE)).metadata_props}
   assert properties == info
 
-  images = np.random.default_rng(0).integers(0, 256, (5, 40, 24, 3), np.uint8)
-  from_onnx = Detector.load(folder).predict(images)
-  in_process = Detector.load(workdir).predict(images)
+  from_onnx = Detector.load(folder).predict(_EXAMPLE_IMAGES)
   for got, want in zip(from_onnx.maps, in_process.maps):
     float32_tolerance.assert_same_function(got, want)
   float32_tolerance.assert_same_function(from_onnx.scores, in_process.scores)
+
+
+@pytest.mark.parametrize('rule', ['tasad', 'absolute', 'relative'])
+def test_the_host_refinement_selects_the_device_refinements_region(rule):
+  config = tiny_runs.two_stage_config(**{'refine.threshold_rule': rule})
+  settings = {key: config.refine[key] for key in (
+      'threshold_rule', 'threshold', 'tasad_th_pix', 'tasad_th_val', 'median_size',
+      'n_segments', 'compactness', 'sigma')}
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4, 32, 32, 3), np.uint8)
+  # Stage-1-like maps: a bright blob on a noisy background, at several levels.
+  yy, xx = np.mgrid[:32, :32]
+  blob = np.exp(-((yy - 12) ** 2 + (xx - 20) ** 2) / 30.0)
+  maps = (rng.random((4, 32, 32)) * 0.2 + blob * np.array([0.3, 0.6, 0.9, 1.2])[:, None, None]
+          ).astype(np.float32)
+  labels = np.stack([superpixel.slic_labels(image, settings['n_segments'],
+                                            settings['compactness'], settings['sigma'])
+                     for image in images])
+  on_device = np.asarray(refine.region(maps, labels, config.refine))
+  on_host = host_refine.region(images, maps, settings)
+  assert 0 < on_device.mean() < 1  # something, not everything, is selected
+  np.testing.assert_array_equal(on_host, on_device.astype(np.float32))
+
+
+def test_the_two_stage_export_is_two_graphs_around_the_host_refinement(
+    two_stage_run, tmp_path):
+  config, workdir, _ = two_stage_run
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run)
+  onnx_config = config.copy_and_resolve_references()
+  onnx_config.export.format = 'onnx'
+  folder = detector.export(onnx_config, str(run))
+  assert sorted(os.listdir(folder)) == sorted(
+      [detector.INFO_FILE, detector.ONNX_FILE, detector.ONNX_AFTER_HOST_FILE])
+  info = json.load(open(os.path.join(folder, detector.INFO_FILE)))
+  assert info['host_step']['method'] == 'two_stage'
+  assert info['host_step']['first_outputs'] == ['stage1']
+
+  images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), np.uint8)
+  got = Detector.load(folder).detect(images)
+  host_config = config.copy_and_resolve_references()
+  host_config.refine.superpixels = 'host'  # the SLIC the host step runs
+  maps, scores = engine.maps_and_scores(host_config, engine.load_model(host_config, str(run)),
+                                        images)
+  float32_tolerance.assert_same_function(got[0], maps['combined'])
+  float32_tolerance.assert_same_function(got[1], scores['combined'])
+
+
+_NO_JAX = '''
+import sys
+class _Refuse:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('jax', 'jaxlib', 'flax', 'twostage_jax'):
+      raise ImportError(f'{name} is not installed here')
+sys.meta_path.insert(0, _Refuse())
+sys.argv = sys.argv[1:]
+'''
+
+
+def _deploy_example():
+  """The first Python listing of docs/deploy.md."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      'docs', 'deploy.md')
+  text = open(path, encoding='utf-8').read()
+  return text.split('```python\n', 1)[1].split('```', 1)[0]
+
+
+def test_the_deploy_example_runs_without_jax(bauer_export, tmp_path):
+  folder, expected = bauer_export
+  paths = []
+  for i, image in enumerate(_EXAMPLE_IMAGES):
+    paths.append(str(tmp_path / f'{i}.png'))
+    Image.fromarray(image).save(paths[-1])
+  result = subprocess.run(
+      [sys.executable, '-c', _NO_JAX + _deploy_example(), '-', folder, *paths],
+      capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=''))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'import jax' not in _deploy_example()
+  scores = [float(line.split('score ')[1].split(',')[0]) for line in result.stdout.splitlines()]
+  float32_tolerance.assert_same_function(np.array(scores, np.float32), expected.scores)

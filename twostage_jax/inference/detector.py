@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from twostage_jax import data
+from twostage_jax import methods
 from twostage_jax.inference import calibration
 from twostage_jax.inference import engine
 from twostage_jax.runtime import parallel
@@ -43,8 +44,10 @@ from twostage_jax.workdir import run_config
 
 EXPORT_FILE = 'detector.jax'
 ONNX_FILE = 'detector.onnx'
+ONNX_AFTER_HOST_FILE = 'detector_after_host.onnx'  # the second graph around a host step
 INFO_FILE = 'detector.json'
 _PROGRAM_FILES = {'stablehlo': EXPORT_FILE, 'onnx': ONNX_FILE}
+_ALL_PROGRAM_FILES = (EXPORT_FILE, ONNX_FILE, ONNX_AFTER_HOST_FILE)
 # Images per call: a fixed size, so the batch-polymorphic export compiles once.
 _BATCH_SIZE_KEY = 'batch_size'
 # What Detector reads from detector.json.
@@ -124,25 +127,69 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
       'version': _package_version(),
   }
   if config.export.format == 'onnx':
-    converter = _onnx_graph()
-    program = converter.to_onnx(
-        detect, [converter.Input('images', (size, size, 3), np.uint8)], ('maps', 'scores'),
-        {key: json.dumps(value) for key, value in info.items()}).SerializeToString()
+    programs = _onnx_programs(config, model, info)
   else:
     batch, = jax.export.symbolic_shape('batch')
     exported = jax.export.export(jax.jit(detect), platforms=tuple(config.export.platforms))(
         jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8))
     info['platforms'] = list(exported.platforms)
-    program = bytes(exported.serialize())
+    programs = {EXPORT_FILE: bytes(exported.serialize())}
   folder = paths.export_dir(workdir)
   if jax.process_index() == 0:
-    written = _PROGRAM_FILES[config.export.format]
-    atomic_write.write_bytes(os.path.join(folder, written), program)
+    for name, program in programs.items():
+      atomic_write.write_bytes(os.path.join(folder, name), program)
     atomic_write.write_json(os.path.join(folder, INFO_FILE), info)
-    for other in set(_PROGRAM_FILES.values()) - {written}:  # an earlier export's
+    for other in set(_ALL_PROGRAM_FILES) - set(programs):  # an earlier export's
       if os.path.exists(os.path.join(folder, other)):
         os.remove(os.path.join(folder, other))
   return folder
+
+
+def _onnx_programs(config: ml_collections.ConfigDict, model: engine.TrainedModel,
+                   info: dict[str, Any]) -> dict[str, bytes]:
+  """The ONNX graphs of the detector by file name; adds the host step to `info`.
+
+  One graph ('images' -> 'maps', 'scores') where the method's maps convert
+  whole. A method with a host split (the two-stage model: its device SLIC
+  does not convert) gives two: `detector.onnx` ('images' -> the first
+  part's arrays) and `detector_after_host.onnx` ('images', those arrays
+  and the host step's -> 'maps', 'scores'); `info['host_step']` names the
+  method, its settings and the arrays in between.
+  """
+  converter = _onnx_graph()
+  size, final, variables = config.image_size, model.final_map, model.variables
+  images = converter.Input('images', (size, size, 3), np.uint8)
+  split = model.method.host_split(config, model.trained)
+  if split is None:
+    graphs = {ONNX_FILE: converter.to_onnx(detector_fn(config, model), [images],
+                                           ('maps', 'scores'))}
+  else:
+    first, second = engine.split_maps_and_scores_fns(model.method, config, model.trained,
+                                                      split)
+    shapes = jax.eval_shape(lambda x: first(variables, {'image': x}),
+                            jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8))
+    names = sorted(shapes)
+    between = ([converter.Input(n, shapes[n].shape[1:], shapes[n].dtype) for n in names]
+               + [converter.Input(n, tuple(shape), dtype)
+                  for n, (shape, dtype) in sorted(split.host_outputs.items())])
+
+    def after_host(image_batch, *arrays):
+      batch = {'image': image_batch, **{i.name: a for i, a in zip(between, arrays)}}
+      maps, scores = second(variables, batch)
+      return maps[final], scores[final]
+
+    graphs = {
+        ONNX_FILE: converter.to_onnx(
+            lambda x: tuple(first(variables, {'image': x})[n] for n in names), [images], names),
+        ONNX_AFTER_HOST_FILE: converter.to_onnx(after_host, [images, *between],
+                                                ('maps', 'scores')),
+    }
+    info['host_step'] = {'method': model.method.name, 'settings': split.settings,
+                         'first_outputs': names, 'host_outputs': sorted(split.host_outputs)}
+  for graph in graphs.values():
+    for key, value in info.items():
+      graph.metadata_props.add(key=key, value=json.dumps(value))
+  return {name: graph.SerializeToString() for name, graph in graphs.items()}
 
 
 def _onnx_graph() -> types.ModuleType:
@@ -153,6 +200,24 @@ def _onnx_graph() -> types.ModuleType:
     raise ImportError(f'the ONNX export needs the onnx extra: pip install \'.[onnx]\' '
                       f'({error})') from error
   return onnx_graph
+
+
+def _onnx_call(folder: str, info: dict[str, Any]) -> DetectFn:
+  """uint8 images -> (maps, scores) of an ONNX export, its host step run between its graphs."""
+  first = _onnx_session(os.path.join(folder, ONNX_FILE))
+  host = info.get('host_step')
+  if host is None:
+    return lambda images: tuple(first.run(['maps', 'scores'], {'images': images}))
+  second = _onnx_session(os.path.join(folder, ONNX_AFTER_HOST_FILE))
+  step = methods.get(host['method']).host_step(host['settings'])
+
+  def call(images):
+    arrays = dict(zip(host['first_outputs'], first.run(host['first_outputs'],
+                                                       {'images': images})))
+    feed = {'images': images, **arrays, **step(images, arrays)}
+    return tuple(second.run(['maps', 'scores'], feed))
+
+  return call
 
 
 def _onnx_session(path: str) -> Any:
@@ -350,8 +415,7 @@ class Detector:
     program = os.path.join(folder, _PROGRAM_FILES.get(info.get('format'), EXPORT_FILE))
     try:
       if program.endswith(ONNX_FILE):
-        session = _onnx_session(program)
-        call = lambda images: tuple(session.run(['maps', 'scores'], {'images': images}))
+        call = _onnx_call(folder, info)
       else:
         with open(program, 'rb') as f:
           call = jax.export.deserialize(bytearray(f.read())).call

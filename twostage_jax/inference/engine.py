@@ -180,20 +180,55 @@ def maps_and_scores_fn(method: base.Method, config: ml_collections.ConfigDict,
   else `eval.score_rule` of the smoothed map. This is what every map and
   score reported anywhere comes from: `compiled_maps_and_scores` compiles it
   for evaluation, calibration, the detector and TensorBoard, and the export
-  lowers it.
+  lowers it (or, split around a host step, `split_maps_and_scores_fns`).
   """
   method_maps = method.maps_fn(config, trained)
+  report = _reported(method, config, trained)
+
+  def maps_and_scores(variables, batch):
+    batch = _in_unit_range(batch)
+    return report(variables, batch, method_maps(variables, batch))
+
+  return maps_and_scores
+
+
+def split_maps_and_scores_fns(method: base.Method, config: ml_collections.ConfigDict,
+                              trained: tuple[int, ...], split: base.HostSplit):
+  """`maps_and_scores_fn` in the two pure parts of `split`, around its host step.
+
+  Returns:
+    first: (variables, batch of uint8 images) -> `split.before`'s arrays;
+    second: (variables, batch of the uint8 images, those arrays and the host
+      step's) -> (maps, scores) by name, as `maps_and_scores_fn` gives them.
+  """
+  report = _reported(method, config, trained)
+
+  def first(variables, batch):
+    return split.before(variables, _in_unit_range(batch))
+
+  def second(variables, batch):
+    batch = _in_unit_range(batch)
+    return report(variables, batch, split.after(variables, batch))
+
+  return first, second
+
+
+def _in_unit_range(batch):
+  return {**batch, 'image': batch['image'].astype(jnp.float32) / 255.0}
+
+
+def _reported(method: base.Method, config: ml_collections.ConfigDict,
+              trained: tuple[int, ...]):
+  """(variables, batch, raw maps) -> (smoothed maps, image scores) by map name."""
   method_scores = method.scores_fn(config, trained)
   rule = score_fn(config)
 
-  def maps_and_scores(variables, batch):
-    batch = {**batch, 'image': batch['image'].astype(jnp.float32) / 255.0}
-    raw = method_maps(variables, batch)
+  def report(variables, batch, raw):
     maps = {name: smooth(m, config.eval.map_sigma) for name, m in raw.items()}
     scores = {} if method_scores is None else method_scores(variables, batch, raw)
     return maps, {name: scores[name] if name in scores else rule(m) for name, m in maps.items()}
 
-  return maps_and_scores
+  return report
 
 
 def compiled_maps_and_scores(method: base.Method, config: ml_collections.ConfigDict,

@@ -410,8 +410,8 @@ class _Converter:
     return [np.asarray(v) for v in outs]
 
 
-def to_onnx(fn: Callable[..., Any], inputs: Sequence[Input], output_names: Sequence[str],
-            metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+def to_onnx(fn: Callable[..., Any], inputs: Sequence[Input],
+            output_names: Sequence[str]) -> onnx.ModelProto:
   """The ONNX model of `fn(*batches) -> outputs`, every input and output batched.
 
   Args:
@@ -419,7 +419,6 @@ def to_onnx(fn: Callable[..., Any], inputs: Sequence[Input], output_names: Seque
       (or one array) whose first axis is the batch.
     inputs: the graph's inputs, in `fn`'s argument order.
     output_names: a name for each output.
-    metadata: string properties stored in the model (`metadata_props`).
 
   Raises:
     UnsupportedPrimitive: naming a primitive the converter cannot express.
@@ -445,7 +444,5 @@ def to_onnx(fn: Callable[..., Any], inputs: Sequence[Input], output_names: Seque
           graph.initializers),
       opset_imports=[helper.make_opsetid('', OPSET)], ir_version=_IR_VERSION,
       producer_name='twostage_jax')
-  for key, value in (metadata or {}).items():
-    model.metadata_props.add(key=key, value=value)
   onnx.checker.check_model(model)
   return model

@@ -7,6 +7,7 @@ registry (`methods/__init__.py`).
 """
 
 import abc
+import dataclasses
 import functools
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -37,6 +38,26 @@ ScoresFn = Callable[[tuple[Variables, ...], Batch, dict[str, jax.Array]],
                     dict[str, jax.Array]]
 # (config key, predicate on its value, what the value must be).
 Rule = tuple[str, Callable[[Any], bool], str]
+# (uint8 images, the first part's outputs as NumPy) -> the host step's outputs.
+HostStep = Callable[[np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSplit:
+  """A method's maps as two device parts with a host step between them.
+
+  For exports that cannot hold a step of the maps (the ONNX graphs cannot
+  hold the two-stage model's device SLIC): `before` maps a batch ('image'
+  float in [0, 1]) to named arrays; the host step (`Method.host_step` of
+  `settings`) turns the uint8 images and those into the named arrays of
+  `host_outputs` ({name: (per-image shape, dtype)}); `after` maps the batch
+  with both to the method's unsmoothed maps, as `maps_fn` does.
+  """
+
+  before: Callable[[tuple[Variables, ...], Batch], dict[str, jax.Array]]
+  settings: dict[str, Any]
+  host_outputs: dict[str, tuple[tuple[int, ...], Any]]
+  after: MapsFn
 
 
 def config_value(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -168,6 +189,16 @@ class Method(abc.ABC):
     their device versions here.
     """
     return config
+
+  def host_split(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]
+                 ) -> HostSplit | None:
+    """The maps in two device parts around a host step; None: the maps need none."""
+    del config, trained
+    return None
+
+  def host_step(self, settings: dict[str, Any]) -> HostStep:
+    """The host step of `host_split` with its `settings` (JSON, as an export stores them)."""
+    raise NotImplementedError(f'{self.name} has no host step')
 
   def host_inputs(self, config: ml_collections.ConfigDict, trained: tuple[int, ...],
                   images: np.ndarray, batch_size: int, num_workers: int

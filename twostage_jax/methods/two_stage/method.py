@@ -25,6 +25,7 @@ from twostage_jax import synthesis
 from twostage_jax.methods import base
 from twostage_jax.methods import synthesis_rules
 from twostage_jax.methods.two_stage import device_slic
+from twostage_jax.methods.two_stage import host_refine
 from twostage_jax.methods.two_stage import host_slic
 from twostage_jax.methods.two_stage import refine
 from twostage_jax.methods.two_stage.model import SegmentationNet
@@ -33,6 +34,11 @@ from twostage_jax.runtime import pipeline
 from twostage_jax.training import precision
 
 STAGE1, STAGE2, COMBINED = 'stage 1', 'stage 2', 'combined'
+# The names of the stage-1 map and the refined region between the parts of the maps.
+_STAGE1_KEY, _REGION_KEY = 'stage1', 'region'
+# What the host refinement reads of `refine` (host_refine.py).
+_HOST_REFINE_KEYS = ('threshold_rule', 'threshold', 'tasad_th_pix', 'tasad_th_val',
+                     'median_size', 'n_segments', 'compactness', 'sigma')
 SUPERPIXELS = ('host', 'device')  # where the refinement's SLIC runs
 
 
@@ -184,19 +190,43 @@ class TwoStage(base.Method):
   def maps_fn(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]) -> base.MapsFn:
     """Stage 1's map; with stage 2 also its map of the refined input and the combination."""
     model = self.create_model(config, 1)
-    two_stages = 2 in trained
+    if 2 not in trained:
+      return lambda variables, batch: {STAGE1: model.apply(variables[0], batch['image'],
+                                                           train=False)}
+    split = self.host_split(config, trained)
 
     def maps(variables, batch):
       images = batch['image']
-      out = {STAGE1: model.apply(variables[0], images, train=False)}
-      if two_stages:
-        labels = device_labels(images, config) if _on_device(config) else batch['labels']
-        selected = refine.region(out[STAGE1], labels, config.refine)
-        out[STAGE2] = model.apply(variables[1], refine.masked_input(images, selected),
-                                  train=False)
-      return self.combine(config, out)
+      first = split.before(variables, batch)
+      labels = device_labels(images, config) if _on_device(config) else batch['labels']
+      selected = refine.region(first[_STAGE1_KEY], labels, config.refine)
+      return split.after(variables, {**batch, **first, _REGION_KEY: selected})
 
     return maps
+
+  def host_split(self, config: ml_collections.ConfigDict, trained: tuple[int, ...]
+                 ) -> base.HostSplit | None:
+    """Stage 1's map; on the host the region (host_refine.py); stage 2 and the combination."""
+    if 2 not in trained:
+      return None
+    model = self.create_model(config, 1)
+
+    def before(variables, batch):
+      return {_STAGE1_KEY: model.apply(variables[0], batch['image'], train=False)}
+
+    def after(variables, batch):
+      selected = batch[_REGION_KEY] > 0.5
+      stage2 = model.apply(variables[1], refine.masked_input(batch['image'], selected),
+                           train=False)
+      return self.combine(config, {STAGE1: batch[_STAGE1_KEY], STAGE2: stage2})
+
+    size = config.image_size
+    return base.HostSplit(before, {key: config.refine[key] for key in _HOST_REFINE_KEYS},
+                          {_REGION_KEY: ((size, size), np.float32)}, after)
+
+  def host_step(self, settings: dict[str, Any]) -> base.HostStep:
+    return lambda images, first: {
+        _REGION_KEY: host_refine.region(images, first[_STAGE1_KEY], settings)}
 
   def combine(self, config: ml_collections.ConfigDict, maps: dict[str, jax.Array]
               ) -> dict[str, jax.Array]:

@@ -68,6 +68,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.segmentation_weight = 1.0
   config.loss.reconstruction_weight = 1.0
   config.loss.adversarial_weight = 0.01
+  # Measurements of stage 1, off by default (each costs one more backward
+  # pass per loss term): metrics.jsonl and TensorBoard get encoder_grad_<term>,
+  # the norm of the gradient each weighted term sends to the shared encoder,
+  # and the discriminator's accuracy on real and fake pairs.
+  config.diagnostics = False
 
   # Stage 2, the anomaly detector (Sec. 3.4, Appendix A), the same weighting:
   # reconstruction and feature matching 1, adversarial 1/100; L_cls as much as

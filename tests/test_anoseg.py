@@ -320,6 +320,45 @@ def one_step(stage, state, batch, num_devices, generator_weights='config'):
   return parallel.to_host(train_state.variables_of(new_state)), parallel.to_host(step_metrics)
 
 
+def _step_with_diagnostics(config, state, batch):
+  """Encoder parameters before and after one float64 SGD step on 1 device, and its metrics."""
+  mesh = Mesh(np.array(jax.devices()[:1]), (DATA_AXIS,))
+  step = parallel.data_parallel(METHOD.train_step(config, 1), mesh)
+  before = jax.tree.map(np.array, state.generator.params['encoder'])
+  new_state, step_metrics = step(
+      jax.device_put(jax.tree.map(np.array, state), parallel.replicated(mesh)),
+      jax.device_put(batch, parallel.batch_sharded(mesh)), train_state.prng_key(0))
+  after = parallel.to_host(new_state.generator.params['encoder'])
+  return before, after, parallel.to_host(step_metrics)
+
+
+@pytest.mark.slow
+def test_the_diagnostics_measure_each_terms_pull_on_the_encoder_and_change_nothing():
+  with jax.enable_x64(True):
+    state, _, batch = float64_inputs(1)
+    config = float64_config()
+    measured = config.copy_and_resolve_references()
+    measured.diagnostics = True
+    before, plain, _ = _step_with_diagnostics(config, state, batch)
+    _, after, metrics_on = _step_with_diagnostics(measured, state, batch)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(after)):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)  # measuring moves nothing
+    for term in ('segmentation', 'reconstruction', 'adversarial'):
+      assert metrics_on[f'encoder_grad_{term}'] > 0
+    for pair in ('real', 'fake'):
+      assert 0 <= metrics_on[f'discriminator_{pair}_accuracy'] <= 1
+
+    # With L_Seg alone weighted, SGD moves the encoder by rate * its gradient.
+    alone = measured.copy_and_resolve_references()
+    alone.loss.reconstruction_weight = alone.loss.adversarial_weight = 0.0
+    _, moved, metrics_alone = _step_with_diagnostics(alone, state, batch)
+    step_norm = float(optax.global_norm(jax.tree.map(lambda a, b: a - b, moved, before)))
+    assert metrics_alone['encoder_grad_segmentation'] == pytest.approx(step_norm / 0.1,
+                                                                       rel=1e-9)
+    assert metrics_alone['encoder_grad_reconstruction'] == 0
+    assert metrics_alone['encoder_grad_adversarial'] == 0
+
+
 NETWORKS = tuple(f"['{collection}']['{network}']" for collection in ('params', 'batch_stats')
                  for network in ('generator', 'discriminator'))
 

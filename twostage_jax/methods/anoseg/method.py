@@ -84,8 +84,8 @@ class AnoSeg(base.Method):
   stages = (1, 2)
   config_file = 'configs/anoseg.py'
   inference_sections = ('detector',)
-  # The detector's weights of Eq. 5 only score trained maps.
-  per_run_keys = ('detector.alpha', 'detector.beta')
+  # The detector's weights of Eq. 5 only score trained maps; diagnostics only measure.
+  per_run_keys = ('detector.alpha', 'detector.beta', 'diagnostics')
   config_rules = (
       ('model.encoder_widths', lambda v: len(v) == 4 and all(w > 0 for w in v),
        "4 positive widths (ResNet-18's stages)"),
@@ -160,7 +160,8 @@ class AnoSeg(base.Method):
   def train_step(self, config: ml_collections.ConfigDict, stage: int):
     """Stage 1: `segmentation_step`; stage 2: `detector_step`."""
     if stage == 1:
-      return functools.partial(segmentation_step, loss_config=config.loss)
+      return functools.partial(segmentation_step, loss_config=config.loss,
+                               diagnostics=config.diagnostics)
     return functools.partial(detector_step, detector_config=config.detector)
 
   def sampler_factory(self, config: ml_collections.ConfigDict, stage: int,
@@ -266,7 +267,7 @@ def _update_generator(state: network_state.AdversarialState, discriminator, loss
 
 
 def segmentation_step(state: network_state.AdversarialState, batch: base.Batch, key: jax.Array,
-                      loss_config: ml_collections.ConfigDict
+                      loss_config: ml_collections.ConfigDict, diagnostics: bool = False
                       ) -> tuple[network_state.AdversarialState, dict[str, jax.Array]]:
   """One discriminator step, then one AnoSeg step, on this device's share of the batch.
 
@@ -275,6 +276,11 @@ def segmentation_step(state: network_state.AdversarialState, batch: base.Batch, 
   L_Re + adversarial_weight * (-log D(concat(x_hat, A_hat))), the
   non-saturating form of Eq. 3's generator term. Without a discriminator
   (`loss.adversarial` off) only L_Seg trains the map decoder.
+
+  With `diagnostics` (config.diagnostics) the metrics also hold, per
+  weighted term, the norm of the gradient it sends to the shared encoder
+  (`encoder_grad_<term>`: one more pullback each) and the discriminator's
+  accuracy on the real and the fake pairs before its update.
   """
   del key  # no stochastic layers
   images, normal = batch['image'], _normal(batch['mask'])
@@ -289,26 +295,54 @@ def segmentation_step(state: network_state.AdversarialState, batch: base.Batch, 
       (fake_logits, _), stats = _judge(discriminator, params, stats, fake)
       loss = jnp.mean(losses.binary_cross_entropy(real_logits, 1.0)
                       + losses.binary_cross_entropy(fake_logits, 0.0))
-      return loss, ({'discriminator_loss': loss}, stats)
+      measured = {'discriminator_loss': loss}
+      if diagnostics:
+        measured.update(discriminator_real_accuracy=jnp.mean(real_logits > 0),
+                        discriminator_fake_accuracy=jnp.mean(fake_logits < 0))
+      return loss, (measured, stats)
 
     discriminator, metrics = network_state.update(discriminator, discriminator_loss)
 
-  def generator_loss(out):
-    segmentation = losses.segmentation_loss(out['map'], normal, loss_config.segmentation_norm)
-    loss = loss_config.segmentation_weight * segmentation
-    terms = {'segmentation_loss': segmentation}
+  weights = {'segmentation': loss_config.segmentation_weight,
+             'reconstruction': loss_config.reconstruction_weight,
+             'adversarial': loss_config.adversarial_weight}
+
+  def terms_of(out):
+    terms = {'segmentation': losses.segmentation_loss(out['map'], normal,
+                                                      loss_config.segmentation_norm)}
     if discriminator is not None:
-      reconstruction = losses.masked_reconstruction_loss(images, out['image'], normal)
       (logits, _), _ = _judge(discriminator, discriminator.params, discriminator.batch_stats,
                               _pair(out['image'], out['map']))
-      adversarial = jnp.mean(losses.binary_cross_entropy(logits, 1.0))
-      loss += (loss_config.reconstruction_weight * reconstruction
-               + loss_config.adversarial_weight * adversarial)
-      terms.update(reconstruction_loss=reconstruction, adversarial_loss=adversarial)
-    return loss, {'loss': loss, **terms}
+      terms['reconstruction'] = losses.masked_reconstruction_loss(images, out['image'], normal)
+      terms['adversarial'] = jnp.mean(losses.binary_cross_entropy(logits, 1.0))
+    return terms
 
+  def generator_loss(out):
+    terms = terms_of(out)
+    loss = sum(weights[name] * value for name, value in terms.items())
+    return loss, {'loss': loss, **{f'{name}_loss': value for name, value in terms.items()}}
+
+  if diagnostics:
+    weighted = lambda out: {name: weights[name] * value for name, value in terms_of(out).items()}
+    metrics = {**metrics, **_encoder_gradient_norms(weighted, outputs, pullback)}
   return _update_generator(state, discriminator, generator_loss, outputs, pullback,
                            generator_stats, metrics)
+
+
+def _encoder_gradient_norms(weighted_terms, outputs, pullback) -> dict[str, jax.Array]:
+  """'encoder_grad_<term>': the norm of each weighted term's gradient on the shared encoder.
+
+  Each term's gradient with respect to the generator's outputs is pulled
+  back separately, then averaged over devices as the update averages them.
+  """
+  norms = {}
+  names = weighted_terms(outputs).keys()
+  for name in names:
+    output_grads = jax.grad(lambda out, name=name: weighted_terms(out)[name])(outputs)
+    grads, = pullback(output_grads)
+    encoder = jax.lax.pmean(grads['encoder'], DATA_AXIS)
+    norms[f'encoder_grad_{name}'] = optax.global_norm(encoder)
+  return norms
 
 
 def detector_step(state: network_state.AdversarialState, batch: base.Batch, key: jax.Array,

@@ -52,6 +52,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.ie_net.momentum = 0.9  # SGD, the paper's
   # IE-Net's own rate; None: train.learning_rate (the paper's 1e-3 for both).
   config.ie_net.learning_rate = placeholder(float)
+  # Measurements of IE-Net's training, off by default (each costs one more
+  # backward pass per loss term): metrics.jsonl and TensorBoard get
+  # grad_<part>_<term>, the norm of the gradient each weighted term
+  # (reconstruction, information, kl) sends to T (the statistics network) and
+  # to IE-Net's encoder (inception blocks and MLP); T's accuracy on joint and
+  # marginal pairs; the codes' variance across images and across positions.
+  config.diagnostics = False
 
   # Expert-Net, after MUNIT (its content encoder's widths from 64, with
   # three halvings and the last width kept, the paper's 4 convolution

@@ -613,3 +613,52 @@ def test_each_stage_logs_the_learning_rate_its_optimizer_follows():
     # in float32 (1 - 0.999 rounds to 1.3e-5 of itself off, 6.4e-6 under its root).
     for update in jax.tree.leaves(updates):
       np.testing.assert_allclose(update, -expected, rtol=1e-5)
+
+
+# --- diagnostics (config.diagnostics) ---------------------------------------------------------
+
+
+def _diagnosed_step(config, batch):
+  """Encoder parameters before and after one float64 IE_NET_SGD step on 1 device, and its metrics.
+
+  Call under `jax.enable_x64(True)`.
+  """
+  config.diagnostics = True
+  config.model.compute_dtype = 'float64'
+  mesh = Mesh(np.array(jax.devices()[:1]), (DATA_AXIS,))
+  step = parallel.data_parallel(METHOD.train_step(config, 1), mesh)
+  state = parallel_steps.float64(sgd_state(1, 'float64'))
+  new_state, metrics = step(jax.device_put(jax.tree.map(np.array, state),
+                                           parallel.replicated(mesh)),
+                            jax.device_put(batch, parallel.batch_sharded(mesh)),
+                            train_state.prng_key(0))
+  encoder = lambda params: {k: v for k, v in params.items() if k.startswith(('encoder_', 'mlp_'))}
+  return (encoder(jax.tree.map(np.array, state.params)),
+          encoder(parallel.to_host(new_state.params)), parallel.to_host(metrics))
+
+
+@pytest.mark.slow
+def test_the_diagnostics_measure_what_each_term_sends_to_t_and_the_encoder(images):
+  with jax.enable_x64(True):
+    _check_the_diagnostics(parallel_steps.float64({'image': np.asarray(images)}))
+
+
+def _check_the_diagnostics(batch):
+  _, _, metrics = _diagnosed_step(small_config(), batch)
+  # T reads codes and patches: only the information bound reaches it.
+  assert metrics['grad_statistics_information'] > 0
+  assert metrics['grad_statistics_reconstruction'] == 0 and metrics['grad_statistics_kl'] == 0
+  for term in ('reconstruction', 'information', 'kl'):
+    assert metrics[f'grad_encoder_{term}'] > 0
+  for pairs in ('joint', 'marginal'):
+    assert 0 <= metrics[f'statistics_{pairs}_accuracy'] <= 1
+  assert metrics['code_variance_across_images'] > 0
+  assert metrics['code_variance_across_positions'] > 0
+
+  # With the reconstruction alone weighted, SGD moves the encoder by 0.3 x its gradient.
+  alone = small_config()
+  alone.ie_net.information_weight = alone.ie_net.kl_weight = 0.0
+  before, after, metrics = _diagnosed_step(alone, batch)
+  moved = float(optax.global_norm(jax.tree.map(lambda a, b: a - b, after, before)))
+  assert metrics['grad_encoder_reconstruction'] == pytest.approx(moved / 0.3, rel=1e-9)
+  assert metrics['grad_encoder_information'] == 0 and metrics['grad_encoder_kl'] == 0

@@ -61,7 +61,7 @@ class UTAD(base.Method):
   config_file = 'configs/utad.py'
   inference_sections = ('perceptual',)
   # The perceptual measure only scores trained maps.
-  per_run_keys = ('perceptual',)
+  per_run_keys = ('perceptual', 'diagnostics')
   config_rules = (
       ('ie_net.encoder_widths', *_INCEPTION_WIDTHS),
       ('ie_net.decoder_widths', *_INCEPTION_WIDTHS),
@@ -162,7 +162,7 @@ class UTAD(base.Method):
     """Stage 1: `impression_step`; stage 2: `expert_step`."""
     if stage == 1:
       return functools.partial(impression_step, ie_net=self._ie_net(config),
-                               ie_config=config.ie_net)
+                               ie_config=config.ie_net, diagnostics=config.diagnostics)
     return functools.partial(expert_step, expert_config=config.expert)
 
   def sampler_factory(self, config: ml_collections.ConfigDict, stage: int,
@@ -221,7 +221,8 @@ class UTAD(base.Method):
 
 
 def impression_step(state: network_state.TrainState, batch: base.Batch, key: jax.Array,
-                    ie_net: IENet, ie_config: ml_collections.ConfigDict
+                    ie_net: IENet, ie_config: ml_collections.ConfigDict,
+                    diagnostics: bool = False
                     ) -> tuple[network_state.TrainState, dict[str, jax.Array]]:
   """One IE-Net step: reconstruction_weight * |m - x| - information_weight * I_JSD + kl_weight * KL.
 
@@ -229,6 +230,11 @@ def impression_step(state: network_state.TrainState, batch: base.Batch, key: jax
   from `key` and sliced per device, and the marginal pairs of the bound take
   the next image's code across devices, so any device count computes the
   same step.
+
+  With `diagnostics` (config.diagnostics) the metrics also hold
+  `grad_<part>_<term>` (`_ie_net_diagnostics`), T's accuracy on joint and on
+  marginal pairs, and the variance of the code means across images and
+  across positions.
   """
   images = batch['image']
   local = images.shape[0]
@@ -237,7 +243,8 @@ def impression_step(state: network_state.TrainState, batch: base.Batch, key: jax
   noise = jax.random.normal(key, (devices * local, cells, cells, ie_net.latent_dim))
   noise = jax.lax.dynamic_slice_in_dim(noise, jax.lax.axis_index(DATA_AXIS) * local, local)
 
-  def loss_fn(params):
+  def terms_of(params):
+    """The weighted terms of the loss, what they measure, and the new batch statistics."""
     out, updates = ie_net.apply({'params': params, 'batch_stats': state.batch_stats}, images,
                                 train=True, noise=noise, mutable=['batch_stats'])
     others = mutual_information.codes_of_next_sample(out['code'], DATA_AXIS)
@@ -246,12 +253,60 @@ def impression_step(state: network_state.TrainState, batch: base.Batch, key: jax
                                            ie_config.reconstruction_norm)
     information = mutual_information.jsd_mutual_information(out['joint_logits'], marginal_logits)
     kl = mutual_information.gaussian_kl(out['mean'], out['log_variance'])
-    loss = (ie_config.reconstruction_weight * reconstruction
-            - ie_config.information_weight * information + ie_config.kl_weight * kl)
-    return loss, ({'loss': loss, 'reconstruction_loss': reconstruction,
-                   'mutual_information': information, 'kl': kl}, updates['batch_stats'])
+    weighted = {'reconstruction': ie_config.reconstruction_weight * reconstruction,
+                'information': -ie_config.information_weight * information,
+                'kl': ie_config.kl_weight * kl}
+    measured = {'reconstruction_loss': reconstruction, 'mutual_information': information,
+                'kl': kl}
+    if diagnostics:
+      measured.update(_code_statistics(out, marginal_logits))
+    return weighted, measured, updates['batch_stats']
 
-  return network_state.update(state, loss_fn)
+  def loss_fn(params):
+    weighted, measured, batch_stats = terms_of(params)
+    loss = sum(weighted.values())
+    return loss, ({'loss': loss, **measured}, batch_stats)
+
+  new_state, metrics = network_state.update(state, loss_fn)
+  if diagnostics:
+    metrics = {**metrics, **_ie_net_diagnostics(terms_of, state.params)}
+  return new_state, metrics
+
+
+def _code_statistics(out: dict[str, jax.Array], marginal_logits: jax.Array
+                     ) -> dict[str, jax.Array]:
+  """T's accuracy on joint and marginal pairs; the code means' spread over images and positions.
+
+  Means over this device's images, averaged over devices by the update.
+  """
+  mean = out['mean']  # (B, cells, cells, latent)
+  return {
+      'statistics_joint_accuracy': jnp.mean(out['joint_logits'] > 0),
+      'statistics_marginal_accuracy': jnp.mean(marginal_logits < 0),
+      'code_variance_across_images': jnp.mean(jnp.var(mean, axis=0)),
+      'code_variance_across_positions': jnp.mean(jnp.var(mean, axis=(1, 2))),
+  }
+
+
+# IE-Net's parameter groups the diagnostics measure: T, and the encoder (its
+# inception blocks and the MLP that gives the code).
+_PARTS = {'statistics': ('statistics_layers_',), 'encoder': ('encoder_', 'mlp_')}
+
+
+def _ie_net_diagnostics(terms_of, params) -> dict[str, jax.Array]:
+  """'grad_<part>_<term>': the norm of each weighted term's gradient on T and on the encoder.
+
+  One more backward pass per term, at the parameters the step started from,
+  averaged over devices as the update averages gradients.
+  """
+  norms = {}
+  for term in ('reconstruction', 'information', 'kl'):
+    grads = jax.grad(lambda p, term=term: terms_of(p)[0][term])(params)
+    grads = jax.lax.pmean(grads, DATA_AXIS)
+    for part, prefixes in _PARTS.items():
+      chosen = {name: value for name, value in grads.items() if name.startswith(prefixes)}
+      norms[f'grad_{part}_{term}'] = optax.global_norm(chosen)
+  return norms
 
 
 def expert_step(state: network_state.TrainState, batch: base.Batch, key: jax.Array,

@@ -359,6 +359,74 @@ def test_the_diagnostics_measure_each_terms_pull_on_the_encoder_and_change_nothi
     assert metrics_alone['encoder_grad_adversarial'] == 0
 
 
+def _one_device_step(config, state, batch):
+  """Host variables and metrics after one float64 step of `config`'s stage 1 on 1 device."""
+  mesh = Mesh(np.array(jax.devices()[:1]), (DATA_AXIS,))
+  step = parallel.data_parallel(METHOD.train_step(config, 1), mesh)
+  new_state, step_metrics = step(
+      jax.device_put(jax.tree.map(np.array, state), parallel.replicated(mesh)),
+      jax.device_put(batch, parallel.batch_sharded(mesh)), train_state.prng_key(0))
+  return (parallel_steps.keyed(parallel.to_host(train_state.variables_of(new_state))),
+          parallel.to_host(step_metrics))
+
+
+def _at_step(state, step):
+  return state.replace(generator=state.generator.replace(step=step))
+
+
+@pytest.mark.slow
+def test_before_the_image_branch_starts_the_map_trains_alone():
+  """`loss.image_branch_from_step`: before it, the step is row 2's on the same networks
+  (L_Re and the adversarial term weigh 0, the discriminator does not move); from it on,
+  the paper's step. SGD, so the step counter changes no update."""
+  with jax.enable_x64(True):
+    state, _, batch = float64_inputs(1)
+    delayed = float64_config()
+    delayed.loss.image_branch_from_step = 5
+    map_alone = float64_config()
+    map_alone.loss.reconstruction_weight = map_alone.loss.adversarial_weight = 0.0
+    start = parallel_steps.keyed(train_state.variables_of(state))
+    early, _ = _one_device_step(delayed, state, batch)
+    alone, _ = _one_device_step(map_alone, state, batch)
+    late, _ = _one_device_step(delayed, _at_step(state, 5), batch)
+    paper, _ = one_step(1, state, batch, 1)
+  paper = parallel_steps.keyed(paper)
+  for key in early:
+    if "['discriminator']" in key:
+      np.testing.assert_array_equal(early[key], start[key], err_msg=key)
+    else:
+      np.testing.assert_array_equal(early[key], alone[key], err_msg=key)
+    np.testing.assert_array_equal(late[key], paper[key], err_msg=key)
+  image_decoder = [k for k in early if "['params']['generator']['image_decoder']" in k]
+  assert image_decoder and all((early[k] == start[k]).all() for k in image_decoder)
+  assert any((late[k] != start[k]).any() for k in image_decoder)
+
+
+@pytest.mark.slow
+def test_a_detached_image_decoder_leaves_the_encoder_to_the_map():
+  """`loss.image_decoder_trains_encoder=False`: L_Re sends the encoder nothing, the
+  adversarial term only through the map, L_Seg as much as before; the image decoder
+  still learns."""
+  with jax.enable_x64(True):
+    state, _, batch = float64_inputs(1)
+    shared = float64_config()
+    shared.diagnostics = True
+    detached = shared.copy_and_resolve_references()
+    detached.loss.image_decoder_trains_encoder = False
+    # The same variables (the same key), the detached network applying them.
+    detached_state = parallel_steps.float64(sgd_state(detached, 1))
+    start = parallel_steps.keyed(train_state.variables_of(state))
+    assert parallel_steps.keyed(train_state.variables_of(detached_state)).keys() == start.keys()
+    after, measured = _one_device_step(detached, detached_state, batch)
+    _, measured_shared = _one_device_step(shared, state, batch)
+  assert measured['encoder_grad_reconstruction'] == 0
+  assert 0 < measured['encoder_grad_adversarial'] < measured_shared['encoder_grad_adversarial']
+  assert measured['encoder_grad_segmentation'] == pytest.approx(
+      measured_shared['encoder_grad_segmentation'], rel=1e-12)
+  image_decoder = [k for k in after if "['params']['generator']['image_decoder']" in k]
+  assert any((after[k] != start[k]).any() for k in image_decoder)
+
+
 NETWORKS = tuple(f"['{collection}']['{network}']" for collection in ('params', 'batch_stats')
                  for network in ('generator', 'discriminator'))
 

@@ -99,6 +99,9 @@ class AnoSeg(base.Method):
       ('loss.segmentation_weight', lambda v: v >= 0, '0 or more'),
       ('loss.reconstruction_weight', lambda v: v >= 0, '0 or more'),
       ('loss.adversarial_weight', lambda v: v >= 0, '0 or more'),
+      ('loss.image_branch_from_step', lambda v: isinstance(v, int) and v >= 0,
+       'a whole number of steps, 0 or more'),
+      ('loss.image_decoder_trains_encoder', lambda v: isinstance(v, bool), 'True or False'),
       ('detector.adversarial_weight', lambda v: v >= 0, '0 or more'),
       ('detector.reconstruction_weight', lambda v: v >= 0, '0 or more'),
       ('detector.feature_weight', lambda v: v >= 0, '0 or more'),
@@ -125,6 +128,8 @@ class AnoSeg(base.Method):
         map_decoder=stage == 1,
         image_decoder=stage == 2 or config.loss.adversarial,
         coordinate_channels=model.coordinate_channels,
+        # Stage 2's generator has the image decoder alone: it always trains its encoder.
+        image_decoder_trains_encoder=stage == 2 or config.loss.image_decoder_trains_encoder,
         bn_momentum=model.bn_momentum,
         bn_epsilon=model.bn_epsilon,
         dtype=precision.compute_dtype(config))
@@ -275,7 +280,9 @@ def segmentation_step(state: network_state.AdversarialState, batch: base.Batch, 
   (Eq. 3). AnoSeg: segmentation_weight * L_Seg + reconstruction_weight *
   L_Re + adversarial_weight * (-log D(concat(x_hat, A_hat))), the
   non-saturating form of Eq. 3's generator term. Without a discriminator
-  (`loss.adversarial` off) only L_Seg trains the map decoder.
+  (`loss.adversarial` off) only L_Seg trains the map decoder; before step
+  `loss.image_branch_from_step` neither L_Re nor the adversarial term counts
+  and the discriminator is not updated.
 
   With `diagnostics` (config.diagnostics) the metrics also hold, per
   weighted term, the norm of the gradient it sends to the shared encoder
@@ -286,6 +293,10 @@ def segmentation_step(state: network_state.AdversarialState, batch: base.Batch, 
   images, normal = batch['image'], _normal(batch['mask'])
   outputs, pullback, generator_stats = _generator_pass(state.generator, images)
   discriminator, metrics = state.discriminator, {}
+  # Before `image_branch_from_step` the map trains alone (L_Re and the adversarial
+  # term weigh 0, the discriminator stays as it is): a warm start from row 2.
+  delayed = discriminator is not None and loss_config.image_branch_from_step > 0
+  image_branch_on = state.step >= loss_config.image_branch_from_step
   if discriminator is not None:
     fake = jax.lax.stop_gradient(_pair(outputs['image'], outputs['map']))
 
@@ -301,11 +312,16 @@ def segmentation_step(state: network_state.AdversarialState, batch: base.Batch, 
                         discriminator_fake_accuracy=jnp.mean(fake_logits < 0))
       return loss, (measured, stats)
 
-    discriminator, metrics = network_state.update(discriminator, discriminator_loss)
+    updated, metrics = network_state.update(discriminator, discriminator_loss)
+    discriminator = updated if not delayed else jax.tree.map(
+        lambda new, old: jnp.where(image_branch_on, new, old), updated, discriminator)
+
+  def image_branch(weight):
+    return jnp.where(image_branch_on, weight, 0.0) if delayed else weight
 
   weights = {'segmentation': loss_config.segmentation_weight,
-             'reconstruction': loss_config.reconstruction_weight,
-             'adversarial': loss_config.adversarial_weight}
+             'reconstruction': image_branch(loss_config.reconstruction_weight),
+             'adversarial': image_branch(loss_config.adversarial_weight)}
 
   def terms_of(out):
     terms = {'segmentation': losses.segmentation_loss(out['map'], normal,

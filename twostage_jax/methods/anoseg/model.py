@@ -119,6 +119,9 @@ class AnoSegNet(nn.Module):
     image_decoder: whether to output the reconstructed image (off in the
       ablation's base model, which generates the map only).
     coordinate_channels: concatenate the x and y coordinate channels to the input.
+    image_decoder_trains_encoder: False stops the image decoder's gradient at
+      the shared encoder (a departure from the paper, for issue 29's test of
+      what the reconstruction does to the map).
   """
 
   encoder_widths: tuple[int, ...]
@@ -126,6 +129,7 @@ class AnoSegNet(nn.Module):
   map_decoder: bool
   image_decoder: bool
   coordinate_channels: bool
+  image_decoder_trains_encoder: bool
   bn_momentum: float
   bn_epsilon: float
   axis_name: str | None = DATA_AXIS
@@ -148,7 +152,8 @@ class AnoSegNet(nn.Module):
     if self.map_decoder:
       out['map'] = decoder(1, name='map_decoder')(code, train)[..., 0]
     if self.image_decoder:
-      out['image'] = decoder(3, name='image_decoder')(code, train)
+      image_code = code if self.image_decoder_trains_encoder else jax.lax.stop_gradient(code)
+      out['image'] = decoder(3, name='image_decoder')(image_code, train)
     return out
 
 

@@ -28,12 +28,12 @@ import numpy as np
 
 from twostage_jax import data
 from twostage_jax import losses
+from twostage_jax import methods
 from twostage_jax.evaluation import metrics
 from twostage_jax.inference import engine
 from twostage_jax.methods.two_stage import method as two_stage
 from twostage_jax.synthesis import distortion
 from twostage_jax.synthesis import pseudo_anomaly
-from twostage_jax.workdir import run_config
 
 PAPER_SIZE, PAPER_WINDOW = 256, 21  # the papers' window at their image size
 BACKGROUND, HEIGHT = 0.1, 0.5
@@ -127,7 +127,7 @@ def held_out_samples(config, images: np.ndarray, seed: int = 0
 
 def held_out_auroc(workdir: str) -> None:
   """Prints each rule's image AUROC on the run's held-out images with pseudo-anomalies."""
-  config = run_config.load(workdir)
+  config = methods.trained_config(workdir)
   model = engine.load_model(config, workdir)
   normal = data.training_images(config)[1]
   anomalous, masks = held_out_samples(config, normal)

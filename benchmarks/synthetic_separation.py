@@ -23,7 +23,6 @@ from twostage_jax import methods
 from twostage_jax.evaluation import metrics
 from twostage_jax.inference import engine
 from twostage_jax.workdir import paths
-from twostage_jax.workdir import run_config
 
 
 def _separation(method, config, model, samples) -> dict[str, float]:
@@ -38,7 +37,7 @@ def _separation(method, config, model, samples) -> dict[str, float]:
 
 def main(workdir: str, every_checkpoint: bool, json_path: str | None, count: int = 64,
          seed: int = 1) -> None:
-  config = run_config.load(workdir)
+  config = methods.trained_config(workdir)
   method = methods.get(config.method)
   images, _ = data.training_images(config)
   sample = method.sampler_factory(config, 1, images)()

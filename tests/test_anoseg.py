@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import shutil
 import subprocess
 
 import jax
@@ -33,6 +34,7 @@ from twostage_jax.runtime import parallel
 from twostage_jax.runtime import pipeline
 from twostage_jax.runtime.parallel import DATA_AXIS
 from twostage_jax.training import train_state
+from twostage_jax.workdir import run_config
 
 METHOD = methods.get('anoseg')
 
@@ -590,3 +592,24 @@ def test_the_image_score_is_selectable_and_thresholds_follow_it(trained):
                                              engine.load_model(changed, workdir))
   assert recomputed['detector'] == changed.detector.to_dict()
   assert recomputed['image'] != detector_thresholds['image']
+
+
+def test_a_run_trained_before_a_key_was_added_loads_with_the_config_files_value(
+    trained, tmp_path):
+  """Detector.load on a workdir whose config.json predates `loss.image_decoder_trains_encoder`
+  (which the map's network reads) takes the config file's value, as main.py does."""
+  _, workdir, _ = trained
+  older = str(tmp_path / 'older')
+  shutil.copytree(workdir, older)
+  with open(os.path.join(older, 'config.json'), encoding='utf-8') as f:
+    saved = json.load(f)
+  del saved['loss']['image_decoder_trains_encoder'], saved['loss']['image_branch_from_step']
+  with open(os.path.join(older, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump(saved, f)
+  assert 'image_decoder_trains_encoder' not in run_config.load(older).loss
+  images = np.stack([np.asarray(image) for image in data.training_images(
+      small_config())[0][:3]])
+  expected = detector.Detector.load(workdir).predict(images)
+  found = detector.Detector.load(older).predict(images)
+  np.testing.assert_array_equal(found.maps, expected.maps)
+  np.testing.assert_array_equal(found.scores, expected.scores)

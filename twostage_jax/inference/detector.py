@@ -40,7 +40,6 @@ from twostage_jax.inference import engine
 from twostage_jax.runtime import parallel
 from twostage_jax.workdir import atomic_write
 from twostage_jax.workdir import paths
-from twostage_jax.workdir import run_config
 
 EXPORT_FILE = 'detector.jax'
 ONNX_FILE = 'detector.onnx'
@@ -363,7 +362,7 @@ class Detector:
       path = os.path.dirname(os.path.abspath(path))
     if any(os.path.isfile(os.path.join(path, name)) for name in _PROGRAM_FILES.values()):
       return cls._from_export(path)
-    config = run_config.load(path)
+    config = methods.trained_config(path)
     if config is None:
       raise FileNotFoundError(
           f'{path} is neither a trained workdir (no config.json or checkpoints) nor an '

@@ -12,6 +12,8 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+  import ml_collections
+
   from twostage_jax.methods.base import Method
 
 _FOLDER = os.path.dirname(__file__)
@@ -54,4 +56,19 @@ def get(name: str) -> 'Method':
   return method
 
 
-__all__ = ['get', 'names', 'register', 'unregister']
+def trained_config(workdir: str) -> 'ml_collections.ConfigDict | None':
+  """The config `workdir` was trained with; None for a new workdir.
+
+  A run trained before a key was added lacks it: its method's config file
+  (`Method.config_file`, in the installed `configs` package) gives the value,
+  as it does for a command on the workdir.
+  """
+  from twostage_jax.workdir import run_config  # pylint: disable=import-outside-toplevel
+  config = run_config.load(workdir)
+  if config is None or not get(config.method).config_file:
+    return config
+  module = get(config.method).config_file.removesuffix('.py').replace('/', '.')
+  return run_config.load(workdir, importlib.import_module(module).get_config())
+
+
+__all__ = ['get', 'names', 'register', 'trained_config', 'unregister']

@@ -261,10 +261,18 @@ def _locked(tree: dict[str, Any]) -> ml_collections.ConfigDict:
   return config
 
 
-def load(workdir: str) -> ml_collections.ConfigDict | None:
-  """The config `workdir` was trained with (see saved_config); None for a new workdir."""
+def load(workdir: str, file_config: ml_collections.ConfigDict | None = None
+         ) -> ml_collections.ConfigDict | None:
+  """The config `workdir` was trained with (see saved_config); None for a new workdir.
+
+  With `file_config` (its method's config file), keys added to the code since
+  the run was trained take that file's values, as in a command on the workdir.
+  """
   saved = saved_config(workdir)
-  return None if saved is None else _locked(saved[0])
+  if saved is None:
+    return None
+  tree, source = saved
+  return _locked(tree if file_config is None else _completed(tree, file_config, source))
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:

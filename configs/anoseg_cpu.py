@@ -10,10 +10,10 @@ near the trivial map at this budget (pixel AUROC 0.75 on the weave):
 docs/results.md has every run, its command and its figures. Issue 29 traced
 it to the adversarial term acting on the map; the named option
 `--config.loss.image_branch_from_step=750 --config.loss.adversarial_weight=0.001`
-(a warm start and a lighter adversarial term, where the paper is silent) came
-within 0.014 of the map alone on the weave and above it on bottle with seed 0 (within 0.01 with seed 1),
-but fell to 0.64 on the weave with seed 1: short of
-the adoption rule written there.
+(a warm start and a lighter adversarial term, where the paper is silent)
+stayed within 0.01 of the map alone on bottle with seeds 0 and 1, but not on
+the weave (-0.014 with seed 0, -0.35 with seed 1): short of the adoption rule
+written there.
 
   python main.py --config=configs/anoseg_cpu.py --workdir=runs/anoseg_bottle_cpu \
       --config.data_dir=/data/mvtec_ad --config.category=bottle

@@ -322,14 +322,18 @@ def one_step(stage, state, batch, num_devices, generator_weights='config'):
   return parallel.to_host(train_state.variables_of(new_state)), parallel.to_host(step_metrics)
 
 
-def _step_with_diagnostics(config, state, batch):
-  """Encoder parameters before and after one float64 SGD step on 1 device, and its metrics."""
+def _on_one_device(config, state, batch):
+  """(state, metrics) after one step of `config`'s stage 1 on 1 device."""
   mesh = Mesh(np.array(jax.devices()[:1]), (DATA_AXIS,))
   step = parallel.data_parallel(METHOD.train_step(config, 1), mesh)
+  return step(jax.device_put(jax.tree.map(np.array, state), parallel.replicated(mesh)),
+              jax.device_put(batch, parallel.batch_sharded(mesh)), train_state.prng_key(0))
+
+
+def _step_with_diagnostics(config, state, batch):
+  """Encoder parameters before and after one float64 SGD step on 1 device, and its metrics."""
   before = jax.tree.map(np.array, state.generator.params['encoder'])
-  new_state, step_metrics = step(
-      jax.device_put(jax.tree.map(np.array, state), parallel.replicated(mesh)),
-      jax.device_put(batch, parallel.batch_sharded(mesh)), train_state.prng_key(0))
+  new_state, step_metrics = _on_one_device(config, state, batch)
   after = parallel.to_host(new_state.generator.params['encoder'])
   return before, after, parallel.to_host(step_metrics)
 
@@ -362,12 +366,8 @@ def test_the_diagnostics_measure_each_terms_pull_on_the_encoder_and_change_nothi
 
 
 def _one_device_step(config, state, batch):
-  """Host variables and metrics after one float64 step of `config`'s stage 1 on 1 device."""
-  mesh = Mesh(np.array(jax.devices()[:1]), (DATA_AXIS,))
-  step = parallel.data_parallel(METHOD.train_step(config, 1), mesh)
-  new_state, step_metrics = step(
-      jax.device_put(jax.tree.map(np.array, state), parallel.replicated(mesh)),
-      jax.device_put(batch, parallel.batch_sharded(mesh)), train_state.prng_key(0))
+  """Host variables (keyed) and metrics after one step of `config`'s stage 1 on 1 device."""
+  new_state, step_metrics = _on_one_device(config, state, batch)
   return (parallel_steps.keyed(parallel.to_host(train_state.variables_of(new_state))),
           parallel.to_host(step_metrics))
 

@@ -64,11 +64,15 @@ def trained_config(workdir: str) -> 'ml_collections.ConfigDict | None':
   as it does for a command on the workdir.
   """
   from twostage_jax.workdir import run_config  # pylint: disable=import-outside-toplevel
-  config = run_config.load(workdir)
-  if config is None or not get(config.method).config_file:
-    return config
-  module = get(config.method).config_file.removesuffix('.py').replace('/', '.')
-  return run_config.load(workdir, importlib.import_module(module).get_config())
+  return run_config.load(workdir, _config_file_config)
+
+
+def _config_file_config(name: str) -> 'ml_collections.ConfigDict | None':
+  """The config of method `name`'s config file; None if it names none."""
+  config_file = get(name).config_file
+  if not config_file:
+    return None
+  return importlib.import_module(config_file.removesuffix('.py').replace('/', '.')).get_config()
 
 
 __all__ = ['get', 'names', 'register', 'trained_config', 'unregister']

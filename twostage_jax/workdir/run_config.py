@@ -21,7 +21,7 @@ import fnmatch
 import glob
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 from absl import logging
@@ -261,17 +261,20 @@ def _locked(tree: dict[str, Any]) -> ml_collections.ConfigDict:
   return config
 
 
-def load(workdir: str, file_config: ml_collections.ConfigDict | None = None
+def load(workdir: str,
+         file_config_of: Callable[[str], ml_collections.ConfigDict | None] | None = None
          ) -> ml_collections.ConfigDict | None:
   """The config `workdir` was trained with (see saved_config); None for a new workdir.
 
-  With `file_config` (its method's config file), keys added to the code since
-  the run was trained take that file's values, as in a command on the workdir.
+  With `file_config_of` (a method's name -> its config file's config, or
+  None), keys added to the code since the run was trained take that file's
+  values, as in a command on the workdir.
   """
   saved = saved_config(workdir)
   if saved is None:
     return None
   tree, source = saved
+  file_config = None if file_config_of is None else file_config_of(tree.get('method'))
   return _locked(tree if file_config is None else _completed(tree, file_config, source))
 
 

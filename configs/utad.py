@@ -49,6 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.ie_net.reconstruction_weight = 1.0
   config.ie_net.information_weight = 1.0
   config.ie_net.kl_weight = 0.01
+  # Eq. 2's KL(p(z) || q(z)) on the aggregate codes: the Gaussian of the
+  # global batch's code moments (over images and positions) against N(0, I).
+  # 'posterior': the VAE's per-image KL(p(z|x) || N(0, I)), which also
+  # penalises I(x; z) (docs/results.md, issue 30, measures both).
+  config.ie_net.kl = 'aggregate'
   config.ie_net.momentum = 0.9  # SGD, the paper's
   # IE-Net's own rate; None: train.learning_rate (the paper's 1e-3 for both).
   config.ie_net.learning_rate = placeholder(float)

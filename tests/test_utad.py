@@ -192,17 +192,75 @@ def test_the_jensen_shannon_bound_on_hand_computed_logits():
     assert float(mutual_information.jsd_mutual_information(joint, marginal)) <= 0.0
 
 
-def test_gaussian_kl_sums_over_the_code_and_averages_over_positions():
-  assert float(mutual_information.gaussian_kl(jnp.zeros((3, 4)), jnp.zeros((3, 4)))) == 0.0
+def test_the_posterior_kl_sums_over_the_code_and_averages_over_positions():
+  kl = functools.partial(mutual_information.posterior_kl, axis_name=DATA_AXIS)
+  assert float(kl(jnp.zeros((3, 4)), jnp.zeros((3, 4)))) == 0.0
   mean, log_variance = jnp.array([1.0, 2.0]), jnp.array([0.0, math.log(2.0)])
   by_hand = 0.5 * ((1 + 1 - 1 - 0) + (4 + 2 - 1 - math.log(2)))
-  assert float(mutual_information.gaussian_kl(mean, log_variance)) == pytest.approx(
-      by_hand, rel=1e-6)
+  assert float(kl(mean, log_variance)) == pytest.approx(by_hand, rel=1e-6)
   # Two positions, KL 0 and by_hand: their mean.
   means = jnp.stack([jnp.zeros(2), mean])[None]
   log_variances = jnp.stack([jnp.zeros(2), log_variance])[None]
-  assert float(mutual_information.gaussian_kl(means, log_variances)) == pytest.approx(
-      by_hand / 2, rel=1e-6)
+  assert float(kl(means, log_variances)) == pytest.approx(by_hand / 2, rel=1e-6)
+
+
+def _aggregate_kl_and_gradient(scale, means, log_variances, num_devices):
+  """aggregate_kl of (scale * means, log_variances) split over `num_devices`, and d/d scale.
+
+  The gradient is averaged over devices as the update averages its
+  gradients (network_state.update): `scale` plays a parameter every device
+  holds.
+  """
+
+  def per_device(s, m, v):
+    value, gradient = jax.value_and_grad(
+        lambda s_: mutual_information.aggregate_kl(s_ * m, v, DATA_AXIS))(s)
+    return value, jax.lax.pmean(gradient, DATA_AXIS)
+
+  mesh = Mesh(np.array(jax.devices()[:num_devices]), (DATA_AXIS,))
+  mapped = jax.shard_map(per_device, mesh=mesh,
+                         in_specs=(jax.P(), jax.P(DATA_AXIS), jax.P(DATA_AXIS)),
+                         out_specs=(jax.P(), jax.P()), check_vma=False)
+  return tuple(float(x) for x in jax.jit(mapped)(scale, means, log_variances))
+
+
+def test_the_aggregate_kl_is_the_kl_of_the_codes_moments_over_samples_and_positions():
+  with jax.enable_x64(True):
+    def kl(means, log_variances):
+      return _aggregate_kl_and_gradient(jnp.float64(1.0), jnp.asarray(means, jnp.float64),
+                                        jnp.asarray(log_variances, jnp.float64), 1)[0]
+
+    # Codes (samples, positions, 2): dimension 0 has means 1 and -1 with
+    # variance 0.5, dimension 1 means 2 and 0 with variance 1. The mixture's
+    # moments: 0 and 1 + 0.5; 1 and (4 + 0) / 2 + 1 - 1.
+    means = np.array([[[1.0, 2.0], [-1.0, 0.0]], [[-1.0, 0.0], [1.0, 2.0]]])
+    log_variances = np.broadcast_to(np.log([0.5, 1.0]), means.shape)
+    by_hand = 0.5 * (1.5 - 1 - math.log(1.5)) + 0.5 * (1 + 2 - 1 - math.log(2))
+    assert kl(means, log_variances) == pytest.approx(by_hand, rel=1e-12)
+    # Posteriors far from N(0, I) whose mixture has the prior's moments: the
+    # aggregate KL is 0 where the per-image one is not.
+    spread = np.array([[[0.6]], [[-0.6]]])
+    narrow = np.full_like(spread, math.log(1 - 0.36))
+    assert abs(kl(spread, narrow)) < 1e-12
+    assert float(mutual_information.posterior_kl(spread, narrow, DATA_AXIS)) > 0.1
+
+
+@pytest.mark.parametrize('num_devices', [4, 2])
+def test_the_aggregate_kl_takes_the_whole_batchs_moments_on_any_device_count(num_devices):
+  """Split over devices, the value and the device-averaged gradient are the one-device ones."""
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    means, log_variances = (jnp.asarray(rng.normal(0, s, (8, 3, 3, 5))) for s in (1.0, 0.3))
+    # Only the first device's samples differ from the others': a KL of
+    # per-device moments would differ from the whole batch's.
+    means = means.at[:2].add(3.0)
+    scale = jnp.float64(0.7)
+    split = _aggregate_kl_and_gradient(scale, means, log_variances, num_devices)
+    whole = _aggregate_kl_and_gradient(scale, means, log_variances, 1)
+    per_device = _aggregate_kl_and_gradient(scale, means[:2], log_variances[:2], 1)
+  # float64 sums in another order: a few ulps of values of order 1.
+  np.testing.assert_allclose(split, whole, rtol=1e-12)
+  assert abs(per_device[0] - whole[0]) > 0.1 * whole[0]
 
 
 def _next_codes_and_gradient(codes, weights, num_devices):
@@ -315,6 +373,7 @@ def valid_config(weights_file):
 
 @pytest.mark.parametrize('key, value, message', [
     ('ie_net.kl_weight', -1.0, 'config.ie_net.kl_weight = -1.0 must be 0 or more'),
+    ('ie_net.kl', 'vae', "config.ie_net.kl = 'vae' must be 'aggregate' or 'posterior'"),
     ('ie_net.reconstruction_norm', 'l3',
      "config.ie_net.reconstruction_norm = 'l3' must be 'l1' or 'l2'"),
     ('ie_net.encoder_widths', (16, 4), 'config.ie_net.encoder_widths = (16, 4) must be'),

@@ -73,6 +73,8 @@ class UTAD(base.Method):
       ('ie_net.reconstruction_weight', lambda v: v >= 0, '0 or more'),
       ('ie_net.information_weight', lambda v: v >= 0, '0 or more'),
       ('ie_net.kl_weight', lambda v: v >= 0, '0 or more'),
+      ('ie_net.kl', lambda v: v in mutual_information.KL_FORMS,
+       ' or '.join(map(repr, mutual_information.KL_FORMS))),
       ('ie_net.momentum', lambda v: 0 <= v < 1, 'in [0, 1)'),
       ('ie_net.learning_rate', lambda v: v is None or v > 0,
        'positive, or None (= train.learning_rate)'),
@@ -227,9 +229,10 @@ def impression_step(state: network_state.TrainState, batch: base.Batch, key: jax
   """One IE-Net step: reconstruction_weight * |m - x| - information_weight * I_JSD + kl_weight * KL.
 
   Codes are sampled z = mu + sigma * eps; eps is drawn for the whole batch
-  from `key` and sliced per device, and the marginal pairs of the bound take
-  the next image's code across devices, so any device count computes the
-  same step.
+  from `key` and sliced per device, the marginal pairs of the bound take
+  the next image's code across devices, and the aggregate KL
+  (`ie_net.kl`) takes the moments of the whole batch's codes, so any device
+  count computes the same step.
 
   With `diagnostics` (config.diagnostics) the metrics also hold
   `grad_<part>_<term>` (`_ie_net_diagnostics`), T's accuracy on joint and on
@@ -252,7 +255,7 @@ def impression_step(state: network_state.TrainState, batch: base.Batch, key: jax
     reconstruction = losses.mean_error(out['impression'], images,
                                            ie_config.reconstruction_norm)
     information = mutual_information.jsd_mutual_information(out['joint_logits'], marginal_logits)
-    kl = mutual_information.gaussian_kl(out['mean'], out['log_variance'])
+    kl = mutual_information.KL_FORMS[ie_config.kl](out['mean'], out['log_variance'], DATA_AXIS)
     weighted = {'reconstruction': ie_config.reconstruction_weight * reconstruction,
                 'information': -ie_config.information_weight * information,
                 'kl': ie_config.kl_weight * kl}

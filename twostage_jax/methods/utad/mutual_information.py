@@ -2,7 +2,10 @@
 
 UTAD (Sec. 3.1) maximises the mutual information of images and their codes
 "following f-GAN", with a KL term that keeps the codes Gaussian (Eq. 3:
-L = -I + lambda KL). The bound is f-GAN's Jensen-Shannon one as Deep
+L = -I + lambda KL). Eq. 2's KL is KL(p(z) || q(z)) on the aggregate code
+distribution p(z) = E_x p(z|x) (`aggregate_kl`); the VAE's per-image
+E_x KL(p(z|x) || q(z)) (`posterior_kl`) equals I(x; z) + KL(p(z) || q(z)),
+so it also penalises the information Eq. 1 maximises. The bound is f-GAN's Jensen-Shannon one as Deep
 InfoMax uses it: with T a network scoring (x, z) pairs,
 
   I_JSD = E_joint[-softplus(-T(x, z))] - E_marginal[softplus(T(x, z'))],
@@ -25,15 +28,40 @@ def jsd_mutual_information(joint_logits: jax.Array, marginal_logits: jax.Array) 
           - jnp.mean(jax.nn.softplus(precision.widen(marginal_logits))))
 
 
-def gaussian_kl(mean: jax.Array, log_variance: jax.Array) -> jax.Array:
+def posterior_kl(mean: jax.Array, log_variance: jax.Array, axis_name: str) -> jax.Array:
   """KL(N(mean, exp(log_variance)) || N(0, I)) summed over the last axis, averaged over the rest.
 
-  Each position's code is a diagonal Gaussian of the last axis's size.
+  Each position's code is a diagonal Gaussian of the last axis's size. The
+  average is this device's; the update averages it over devices.
   """
+  del axis_name  # a mean of per-sample terms
   mean = precision.widen(mean)
   log_variance = precision.widen(log_variance)
   per_code = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(log_variance) - 1.0 - log_variance, -1)
   return jnp.mean(per_code)
+
+
+def aggregate_kl(mean: jax.Array, log_variance: jax.Array, axis_name: str) -> jax.Array:
+  """KL(N(m, v) || N(0, I)) of the Gaussian with the aggregate codes' moments, summed over codes.
+
+  The aggregate p(z) is the mixture of every sample's and position's
+  N(mean, exp(log_variance)) in the global batch (over the devices of
+  `axis_name`); per code dimension its mean is m = E[mean] and its variance
+  v = E[mean^2 + sigma^2] - m^2. The KL of that moment-matched Gaussian is
+  at most the mixture's own (a Gaussian has the largest entropy of its
+  moments), and it is 0 exactly when the first two moments are N(0, I)'s:
+  the codes may spread across images as long as they spread like the prior.
+  """
+  mean = precision.widen(mean)
+  variance = jnp.exp(precision.widen(log_variance))
+  axes = tuple(range(mean.ndim - 1))
+  first = jax.lax.pmean(jnp.mean(mean, axes), axis_name)
+  second = jax.lax.pmean(jnp.mean(jnp.square(mean) + variance, axes), axis_name)
+  return 0.5 * jnp.sum(second - 1.0 - jnp.log(second - jnp.square(first)))
+
+
+# config.ie_net.kl: which KL Eq. 3's lambda weighs.
+KL_FORMS = {'aggregate': aggregate_kl, 'posterior': posterior_kl}
 
 
 def codes_of_next_sample(codes: jax.Array, axis_name: str) -> jax.Array:

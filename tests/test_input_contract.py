@@ -192,6 +192,20 @@ def test_other_data_at_the_new_place_is_refused_naming_the_files(tmp_path):
   assert '1 changed: test/good/001.png' in str(error.value)
 
 
+@pytest.mark.parametrize('record', ['{"category": "wid', '{"category": "widget"}', '[]'])
+def test_a_damaged_record_of_the_training_data_is_named(tmp_path, record):
+  workdir = _trained_on(_category(tmp_path / 'data'), tmp_path)
+  with open(paths.data_contents_file(workdir), 'w', encoding='utf-8') as f:
+    f.write(record)
+  moved = tmp_path / 'elsewhere'
+  shutil.move(tmp_path / 'data', moved)
+  with pytest.raises(run_config.ConfigMismatch) as error:
+    cli._checked_run_config(_config(moved, tmp_path), {'data_dir': str(moved)}, workdir)
+  message = str(error.value)
+  assert paths.data_contents_file(workdir) in message and 'is damaged' in message
+  assert f'point --config.data_dir at {tmp_path / "data"}' in message
+
+
 def test_a_resumed_stage_drops_the_records_it_will_log_again(tmp_path):
   log = tmp_path / 'metrics.jsonl'
   records = [{'stage': 1, 'step': s} for s in (1, 2, 4, 6)] + [{'stage': 2, 'step': 2}]

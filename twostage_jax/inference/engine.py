@@ -55,6 +55,21 @@ class TrainedModel:
             for stage in self.method.stages}
 
 
+def fresh_model(config: ml_collections.ConfigDict,
+                stages: tuple[int, ...] | None = None) -> TrainedModel:
+  """A model of freshly initialised `stages` (all the method's when None), step 0 each.
+
+  For what does not depend on the weights: speed measurements and checks
+  of a detector's export against the model it was made from.
+  """
+  method = methods.get(config.method)
+  stages = method.stages if stages is None else stages
+  variables = tuple(jax.device_get(train_state.variables_of(
+      method.create_state(config, train_state.prng_key(stage), stage))) for stage in stages)
+  return TrainedModel(method, variables, tuple(0 for _ in stages),
+                      method.final_map(config, stages))
+
+
 def _stage_step(config: ml_collections.ConfigDict, workdir: str, stage: int,
                 recorded: dict[str, int]) -> int:
   """The checkpoint step of `stage` to load: explicit, recorded by a later stage, or newest.

@@ -54,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'posterior': the VAE's per-image KL(p(z|x) || N(0, I)), which also
   # penalises I(x; z) (docs/results.md, issue 30, measures both).
   config.ie_net.kl = 'aggregate'
+  # What T scores with each image patch: 'sample', the sampled code z of
+  # Eq. 1's p(z|x); 'mean', its mean mu (Deep InfoMax's deterministic codes).
+  config.ie_net.statistics_input = 'sample'
   config.ie_net.momentum = 0.9  # SGD, the paper's
   # IE-Net's own rate; None: train.learning_rate (the paper's 1e-3 for both).
   config.ie_net.learning_rate = placeholder(float)

@@ -374,6 +374,8 @@ def valid_config(weights_file):
 @pytest.mark.parametrize('key, value, message', [
     ('ie_net.kl_weight', -1.0, 'config.ie_net.kl_weight = -1.0 must be 0 or more'),
     ('ie_net.kl', 'vae', "config.ie_net.kl = 'vae' must be 'aggregate' or 'posterior'"),
+    ('ie_net.statistics_input', 'mu',
+     "config.ie_net.statistics_input = 'mu' must be 'sample' or 'mean'"),
     ('ie_net.reconstruction_norm', 'l3',
      "config.ie_net.reconstruction_norm = 'l3' must be 'l1' or 'l2'"),
     ('ie_net.encoder_widths', (16, 4), 'config.ie_net.encoder_widths = (16, 4) must be'),
@@ -409,28 +411,30 @@ def test_the_expert_nets_halvings_also_bound_the_image_size(weights_file):
 
 
 @functools.cache
-def compiled_step(stage, num_devices, information_weight, dtype):
+def compiled_step(stage, num_devices, information_weight, dtype, statistics_input='sample'):
   """The data-parallel step of `stage` on the first `num_devices` devices.
 
-  Built once per set of arguments (pass all four, positionally, so that a
-  call finds the cached one): each new wrapper compiles again, about 10 s
+  Built once per set of arguments (pass the first four positionally, so that
+  a call finds the cached one): each new wrapper compiles again, about 10 s
   for IE-Net's step. `dtype` is the compute dtype (float64 under
-  `jax.enable_x64`).
+  `jax.enable_x64`); `statistics_input` is `ie_net.statistics_input`.
   """
   config = small_config()
   config.ie_net.information_weight = information_weight
+  config.ie_net.statistics_input = statistics_input
   config.model.compute_dtype = dtype
   mesh = Mesh(np.array(jax.devices()[:num_devices]), (DATA_AXIS,))
   return mesh, parallel.data_parallel(METHOD.train_step(config, stage), mesh)
 
 
-def one_step(state, batch, stage, num_devices, information_weight=1.0, dtype='float32'):
-  """Host variables and metrics after one step of `state` on `batch`."""
-  mesh, step = compiled_step(stage, num_devices, information_weight, dtype)
+def one_step(state, batch, stage, num_devices, information_weight=1.0, dtype='float32',
+             statistics_input='sample', seed=0):
+  """Host variables and metrics after one step of `state` on `batch` with the key of `seed`."""
+  mesh, step = compiled_step(stage, num_devices, information_weight, dtype, statistics_input)
   # A copy: the step donates its state.
   state = jax.device_put(jax.tree.map(np.array, state), parallel.replicated(mesh))
   new_state, metrics = step(state, jax.device_put(batch, parallel.batch_sharded(mesh)),
-                            train_state.prng_key(0))
+                            train_state.prng_key(seed))
   return parallel.to_host(train_state.variables_of(new_state)), parallel.to_host(metrics)
 
 
@@ -578,6 +582,36 @@ def test_the_statistics_network_learns_from_the_information_term_alone(config, i
     assert parallel_steps.distance(steps[weight], start, encoder) > 1e-4, weight
   assert (parallel_steps.distance(steps[0.0], steps[1.0], encoder)
           > 1e-2 * parallel_steps.distance(steps[0.0], start, encoder))
+
+
+def test_the_statistics_network_reads_the_code_means_or_the_sampled_codes():
+  """With 'mean', the bound is T's on (patch, mu) pairs, whatever noise samples the codes.
+
+  In float64, where the hand computation and the step agree to rounding of
+  order 1e-16 (the bound is of order 1), far below any effect of the noise.
+  """
+  images = smooth_images(4, SIZE, seed=3)
+  with jax.enable_x64(True):
+    state = parallel_steps.float64(sgd_state(1, 'float64'))
+    batch = parallel_steps.float64({'image': jnp.asarray(images)})
+    bounds = {(source, seed): float(one_step(state, batch, 1, 1, 1.0, 'float64', source,
+                                             seed)[1]['mutual_information'])
+              for source in ('mean', 'sample') for seed in (0, 1)}
+    config = small_config()
+    config.model.compute_dtype = 'float64'
+    net = METHOD.create_model(config, 1)
+    variables = train_state.variables_of(state)
+    # BatchNorm averages over the data axis: one device's here.
+    mean = jax.vmap(lambda x: net.apply(variables, x, train=True, mutable=['batch_stats'])[0][
+        'mean'], axis_name=DATA_AXIS)(batch['image'][None])[0]
+    joint = net.apply(variables, batch['image'], mean, method=models.IENet.statistics)
+    marginal = net.apply(variables, batch['image'], jnp.roll(mean, -1, axis=0),
+                         method=models.IENet.statistics)
+    by_hand = float(mutual_information.jsd_mutual_information(joint, marginal))
+  assert bounds['mean', 0] == pytest.approx(by_hand, rel=1e-12)
+  assert bounds['mean', 1] == pytest.approx(by_hand, rel=1e-12)
+  assert abs(bounds['sample', 0] - bounds['sample', 1]) > 1e-9
+  assert abs(bounds['sample', 0] - by_hand) > 1e-9
 
 
 @pytest.mark.slow

@@ -75,6 +75,7 @@ class UTAD(base.Method):
       ('ie_net.kl_weight', lambda v: v >= 0, '0 or more'),
       ('ie_net.kl', lambda v: v in mutual_information.KL_FORMS,
        ' or '.join(map(repr, mutual_information.KL_FORMS))),
+      ('ie_net.statistics_input', lambda v: v in ('sample', 'mean'), "'sample' or 'mean'"),
       ('ie_net.momentum', lambda v: 0 <= v < 1, 'in [0, 1)'),
       ('ie_net.learning_rate', lambda v: v is None or v > 0,
        'positive, or None (= train.learning_rate)'),
@@ -228,7 +229,8 @@ def impression_step(state: network_state.TrainState, batch: base.Batch, key: jax
                     ) -> tuple[network_state.TrainState, dict[str, jax.Array]]:
   """One IE-Net step: reconstruction_weight * |m - x| - information_weight * I_JSD + kl_weight * KL.
 
-  Codes are sampled z = mu + sigma * eps; eps is drawn for the whole batch
+  Codes are sampled z = mu + sigma * eps (T reads them, or with
+  `ie_net.statistics_input` = 'mean' the means mu); eps is drawn for the whole batch
   from `key` and sliced per device, the marginal pairs of the bound take
   the next image's code across devices, and the aggregate KL
   (`ie_net.kl`) takes the moments of the whole batch's codes, so any device
@@ -250,11 +252,15 @@ def impression_step(state: network_state.TrainState, batch: base.Batch, key: jax
     """The weighted terms of the loss, what they measure, and the new batch statistics."""
     out, updates = ie_net.apply({'params': params, 'batch_stats': state.batch_stats}, images,
                                 train=True, noise=noise, mutable=['batch_stats'])
-    others = mutual_information.codes_of_next_sample(out['code'], DATA_AXIS)
+    joint_logits, codes = out['joint_logits'], out['code']
+    if ie_config.statistics_input == 'mean':
+      codes = out['mean']
+      joint_logits = ie_net.apply({'params': params}, images, codes, method=IENet.statistics)
+    others = mutual_information.codes_of_next_sample(codes, DATA_AXIS)
     marginal_logits = ie_net.apply({'params': params}, images, others, method=IENet.statistics)
     reconstruction = losses.mean_error(out['impression'], images,
                                            ie_config.reconstruction_norm)
-    information = mutual_information.jsd_mutual_information(out['joint_logits'], marginal_logits)
+    information = mutual_information.jsd_mutual_information(joint_logits, marginal_logits)
     kl = mutual_information.KL_FORMS[ie_config.kl](out['mean'], out['log_variance'], DATA_AXIS)
     weighted = {'reconstruction': ie_config.reconstruction_weight * reconstruction,
                 'information': -ie_config.information_weight * information,
@@ -262,7 +268,7 @@ def impression_step(state: network_state.TrainState, batch: base.Batch, key: jax
     measured = {'reconstruction_loss': reconstruction, 'mutual_information': information,
                 'kl': kl}
     if diagnostics:
-      measured.update(_code_statistics(out, marginal_logits))
+      measured.update(_code_statistics(out['mean'], joint_logits, marginal_logits))
     return weighted, measured, updates['batch_stats']
 
   def loss_fn(params):
@@ -276,15 +282,15 @@ def impression_step(state: network_state.TrainState, batch: base.Batch, key: jax
   return new_state, metrics
 
 
-def _code_statistics(out: dict[str, jax.Array], marginal_logits: jax.Array
+def _code_statistics(mean: jax.Array, joint_logits: jax.Array, marginal_logits: jax.Array
                      ) -> dict[str, jax.Array]:
   """T's accuracy on joint and marginal pairs; the code means' spread over images and positions.
 
-  Means over this device's images, averaged over devices by the update.
+  `mean` is (B, cells, cells, latent). Means over this device's images,
+  averaged over devices by the update.
   """
-  mean = out['mean']  # (B, cells, cells, latent)
   return {
-      'statistics_joint_accuracy': jnp.mean(out['joint_logits'] > 0),
+      'statistics_joint_accuracy': jnp.mean(joint_logits > 0),
       'statistics_marginal_accuracy': jnp.mean(marginal_logits < 0),
       'code_variance_across_images': jnp.mean(jnp.var(mean, axis=0)),
       'code_variance_across_positions': jnp.mean(jnp.var(mean, axis=(1, 2))),

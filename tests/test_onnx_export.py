@@ -135,6 +135,28 @@ def test_the_onnx_export_loads_as_a_detector_and_says_what_a_caller_needs(bauer_
   float32_tolerance.assert_same_function(from_onnx.scores, in_process.scores)
 
 
+def test_onnx_runtime_gets_each_batch_unpadded(bauer_export, monkeypatch):
+  """ONNX Runtime runs any batch: one image costs one image's work, not a stored batch's."""
+  folder, in_process = bauer_export
+  info = json.load(open(os.path.join(folder, detector.INFO_FILE)))
+  seen = []
+  original = onnxruntime.InferenceSession.run
+
+  def run(session, names, feed, *args):
+    seen.append(len(feed['images']))
+    return original(session, names, feed, *args)
+
+  monkeypatch.setattr(onnxruntime.InferenceSession, 'run', run)
+  loaded = Detector.load(folder)
+  alone = loaded.predict(_EXAMPLE_IMAGES[:1])
+  count = info['batch_size'] + 1
+  many = loaded.detect(np.stack([np.asarray(Image.fromarray(_EXAMPLE_IMAGES[0]).resize(
+      (32, 32), Image.BILINEAR))] * count))
+  assert seen == [1, info['batch_size'], 1]
+  float32_tolerance.assert_same_function(alone.scores[0], in_process.scores[0])
+  float32_tolerance.assert_same_function(many[1], np.full(count, many[1][0]))
+
+
 @pytest.mark.parametrize('rule', ['tasad', 'absolute', 'relative'])
 def test_the_host_refinement_selects_the_device_refinements_region(rule):
   config = tiny_runs.two_stage_config(**{'refine.threshold_rule': rule})

@@ -423,7 +423,10 @@ class Detector:
     except Exception as error:  # pylint: disable=broad-exception-caught
       # A truncated or foreign file fails deep in the deserializer, with any type.
       raise DamagedExport(program, error) from error
-    return cls(functools.partial(_in_fixed_batches, call, info[_BATCH_SIZE_KEY]), info)
+    # A StableHLO program compiles once per batch shape: pad to one. ONNX
+    # Runtime takes any batch as it is.
+    return cls(functools.partial(_in_batches, call, info[_BATCH_SIZE_KEY],
+                                 not program.endswith(ONNX_FILE)), info)
 
   def detect(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float32 maps (N, S, S) and scores (N,) of uint8 images (N, S, S, 3) at the input size."""
@@ -457,13 +460,14 @@ class Detector:
                       masks=[m >= thresholds['pixel'] for m in sized])
 
 
-def _in_fixed_batches(call: DetectFn, batch: int, images: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray]:
-  """`call` on `images` in batches of `batch` (the last padded), so it compiles once."""
+def _in_batches(call: DetectFn, batch: int, pad: bool, images: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """`call` on `images` in batches of at most `batch`; with `pad`, the last padded to `batch`."""
   maps, scores = [], []
   for start in range(0, len(images), batch):
     chunk = images[start:start + batch]
-    padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], np.uint8)])
+    padded = (np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], np.uint8)])
+              if pad else chunk)
     chunk_maps, chunk_scores = call(padded)
     maps.append(np.asarray(chunk_maps)[:len(chunk)])
     scores.append(np.asarray(chunk_scores)[:len(chunk)])
